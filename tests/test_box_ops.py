@@ -1,0 +1,88 @@
+"""Anchors, DFL decoding, top-1, IoU/CIoU and letterbox undo, against hand-computed values."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from optisar_jax.models import box_ops
+
+
+def test_make_anchors_two_levels():
+  points, stride = box_ops.make_anchors([(2, 3), (1, 1)], [8, 16])
+  expected = [[0.5, 0.5], [1.5, 0.5], [2.5, 0.5], [0.5, 1.5], [1.5, 1.5], [2.5, 1.5], [0.5, 0.5]]
+  np.testing.assert_array_equal(np.asarray(points), expected)
+  np.testing.assert_array_equal(np.asarray(stride)[:, 0], [8] * 6 + [16])
+  assert points.dtype == jnp.float32 and stride.shape == (7, 1)
+
+
+def test_dfl_expectation_one_hot_and_uniform():
+  bins = 16
+  logits = np.full((1, 2, 4 * bins), -1e4, np.float32)
+  for side, j in enumerate([0, 3, 7, 15]):
+    logits[0, 0, side * bins + j] = 0.0
+  logits[0, 1] = 0.0                                  # uniform -> expectation 7.5
+  dist = np.asarray(jax.jit(box_ops.dfl_expectation)(jnp.asarray(logits)))
+  np.testing.assert_allclose(dist[0, 0], [0, 3, 7, 15], atol=1e-5)
+  np.testing.assert_allclose(dist[0, 1], [7.5] * 4, atol=1e-5)
+
+
+def test_decode_boxes_pixels():
+  points, stride = box_ops.make_anchors([(2, 2)], [8])
+  bins = 4
+  logits = np.full((1, 4, 4 * bins), -1e4, np.float32)
+  for side, j in enumerate([1, 0, 2, 3]):            # l, t, r, b at anchor (1.5, 0.5)
+    logits[0, 1, side * bins + j] = 0.0
+  boxes = np.asarray(jax.jit(box_ops.decode_boxes)(jnp.asarray(logits), points, stride))
+  np.testing.assert_allclose(boxes[0, 1], [(1.5 - 1) * 8, (0.5 - 0) * 8, (1.5 + 2) * 8, (0.5 + 3) * 8], atol=1e-4)
+
+
+def test_top1_first_index_on_ties():
+  boxes = jnp.arange(2 * 4 * 4, dtype=jnp.float32).reshape(2, 4, 4)
+  scores = jnp.asarray([[0.1, 0.9, 0.9, 0.2], [0.3, 0.2, 0.1, 0.0]])
+  box, score = box_ops.top1(boxes, scores)
+  np.testing.assert_array_equal(np.asarray(box), [[4, 5, 6, 7], [16, 17, 18, 19]])
+  np.testing.assert_allclose(np.asarray(score), [0.9, 0.3])
+
+
+def test_conversions_roundtrip():
+  xyxy = jnp.asarray([[1.0, 2.0, 4.0, 8.0]])
+  np.testing.assert_allclose(np.asarray(box_ops.xyxy_to_xywh(xyxy)), [[1, 2, 3, 6]])
+  np.testing.assert_allclose(np.asarray(box_ops.xywh_to_xyxy(box_ops.xyxy_to_xywh(xyxy))), np.asarray(xyxy))
+
+
+def test_iou_and_ciou_hand_values():
+  gt = jnp.asarray([[0.0, 0.0, 4.0, 2.0], [0.0, 0.0, 2.0, 2.0], [0.0, 0.0, 3.0, 3.0], [0.0, 0.0, 3.0, 3.0]])
+  pred = jnp.asarray([[1.0, 1.0, 5.0, 3.0], [0.0, 0.0, 4.0, 2.0], [0.0, 0.0, 3.0, 3.0], [9.0, 9.0, 10.0, 10.0]])
+  iou, ciou = jax.jit(lambda a, b: (box_ops.box_iou(a, b), box_ops.ciou(a, b)))(gt, pred)
+  # Same aspect ratio (v = 0): IoU = 3/13, rho^2 = 2, c^2 = 5^2 + 3^2.
+  assert float(iou[0]) == pytest.approx(3 / 13, abs=1e-6)
+  assert float(ciou[0]) == pytest.approx(3 / 13 - 2 / 34, abs=1e-6)
+  # Different aspect: IoU = 0.5, rho^2 = 1, c^2 = 20, v = 4/pi^2 (atan 2 - atan 1)^2.
+  v = 4 / math.pi ** 2 * (math.atan(2.0) - math.atan(1.0)) ** 2
+  alpha = v / (v - 0.5 + 1)
+  assert float(iou[1]) == pytest.approx(0.5, abs=1e-6)
+  assert float(ciou[1]) == pytest.approx(0.5 - 1 / 20 - alpha * v, abs=1e-6)
+  # Identical boxes: CIoU = IoU = 1; disjoint boxes: negative CIoU.
+  assert float(ciou[2]) == pytest.approx(1.0, abs=1e-6) and float(iou[3]) == 0 and float(ciou[3]) < 0
+
+
+def test_ciou_broadcasts_and_alpha_has_no_gradient():
+  out = jax.jit(box_ops.ciou)(jnp.zeros((3, 1, 4)) + jnp.asarray([0.0, 0.0, 3.0, 3.0]), jnp.ones((1, 5, 4)))
+  assert out.shape == (3, 5)
+  gt = jnp.asarray([0.0, 0.0, 2.0, 2.0])
+  grad = jax.jit(jax.grad(lambda p: box_ops.ciou(gt, p)))(jnp.asarray([0.0, 0.0, 4.0, 2.0]))
+  assert np.all(np.isfinite(np.asarray(grad)))
+
+
+def test_unletterbox_boxes():
+  # 100 (h) x 200 (w) image in a 640 canvas: gain 3.2, resized 640 x 320, top pad round(160 - 0.1) = 160.
+  boxes = jnp.asarray([[32.0, 192.0, 640.0, 640.0]])
+  out = np.asarray(jax.jit(box_ops.unletterbox_boxes)(boxes, 3.2, 0.0, 160.0, 100.0, 200.0))
+  np.testing.assert_allclose(out, [[10.0, 10.0, 200.0, 100.0]], atol=1e-4)
+  # Per-box parameters broadcast.
+  out = np.asarray(jax.jit(box_ops.unletterbox_boxes)(jnp.zeros((2, 4)) + 64.0, jnp.asarray([2.0, 4.0]), 0.0, 0.0,
+                                             jnp.asarray([100.0, 10.0]), 100.0))
+  np.testing.assert_allclose(out, [[32, 32, 32, 32], [16, 10, 16, 10]])
