@@ -142,7 +142,7 @@ def get_config():
   c.optim.warmup_min_steps = 100
   c.optim.warmup_bias_lr = 0.0
   c.optim.warmup_momentum = 0.8
-  c.optim.clip_norm = 10.0
+  c.optim.clip_norm = 10.0 / 64          # reference 10 on a loss x64 (batch x world); ours: global mean
 
   # ---------------------------------------------------------------------------------------- train
   c.train = ml_collections.ConfigDict()

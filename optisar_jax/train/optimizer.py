@@ -1,0 +1,208 @@
+"""The reference optimiser recipe as one jittable optax transformation (training-and-data.md section 6.1).
+
+    clip_by_global_norm(clip_norm)                        on the raw gradients, before everything
+    scale_by_adam(b1 = momentum(step), b2, eps)           b1 warms up from warmup_momentum to b1
+    add_decayed_weights(weight_decay, mask = decay group) decoupled (AdamW) decay, scaled by the lr below
+    scale by -lr(step) (weights) / -bias_lr(step) (biases)
+
+Parameter groups (as the reference builds them, by name):
+
+* `bias`: every parameter whose '/'-joined path contains 'bias' (conv/linear biases, norm biases, the
+  contrastive head's bias): no decay; warms up from `warmup_bias_lr`.
+* `no_decay`: normalisation weights (the parameters of any module whose class name contains 'Norm', or,
+  when only a state tree is given, leaves named 'scale', flax's name for every norm's multiplier) and
+  any path containing 'logit_scale': no decay.
+* `decay`: everything else (kernels, embeddings, router temperature, LoRA factors, layer scales, gates).
+
+Learning rate at optimizer step s (0-based; the first update uses s = 0), epoch e = floor(s / steps_per_epoch)
+(e = E from s = total_steps on, so the schedule ends at lr * lrf even when E is fractional):
+
+    lf(e)   = 1 + (lrf - 1) * (1 - cos(pi * e / E)) / 2          (cosine from 1 to lrf over E epochs)
+    lr(s)   = lr * lf(e)                                          after warmup
+    lr(s)   = start + (lr * lf(e) - start) * s / n_w              for s <= n_w (start = 0, warmup_bias_lr)
+    b1(s)   = warmup_momentum + (b1 - warmup_momentum) * min(s / n_w, 1)
+    n_w     = max(round(warmup_epochs * steps_per_epoch), warmup_min_steps)   (0 if warmup_epochs <= 0)
+
+E = total_steps / steps_per_epoch: the config's `train.epochs`, or `train.num_steps / steps_per_epoch`
+when `train.num_steps > 0` (see `total_train_steps`).
+
+Loss scale and clipping: the reference multiplies each device's mean loss by its batch (8) and by the world
+size (8), so its gradients are 64x those of a loss normalised once over the global batch of 64, which is
+what optisar-jax computes. Its clip threshold 10 therefore corresponds to 10 / 64 here
+(`optim.clip_norm = 10 / 64` in configs/optsar_rsvg.py). Adam itself is invariant to the scale (up to eps).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from optisar_jax.train.sharding import path_to_str
+
+GROUP_BIAS = 'bias'
+GROUP_NO_DECAY = 'no_decay'
+GROUP_DECAY = 'decay'
+
+
+def total_train_steps(train_config, steps_per_epoch: int) -> int:
+  """`train.num_steps` when > 0, else `train.epochs * steps_per_epoch`."""
+  if train_config.num_steps > 0:
+    return int(train_config.num_steps)
+  return int(round(train_config.epochs * steps_per_epoch))
+
+
+def warmup_steps(optim_config, steps_per_epoch: int) -> int:
+  """n_w = max(round(warmup_epochs * steps_per_epoch), warmup_min_steps); 0 when warmup_epochs <= 0."""
+  if optim_config.warmup_epochs <= 0:
+    return 0
+  return max(int(round(optim_config.warmup_epochs * steps_per_epoch)), int(optim_config.warmup_min_steps))
+
+
+def cosine_factor(epoch, lrf: float, epochs: float):
+  """lf(e) = 1 + (lrf - 1) * (1 - cos(pi * e / E)) / 2: 1 at e = 0, lrf at e = E."""
+  return 1.0 + (lrf - 1.0) * (1.0 - jnp.cos(jnp.pi * jnp.asarray(epoch, jnp.float32) / epochs)) / 2.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedules:
+  """Step -> value functions (jittable, also callable with Python ints for logging)."""
+  lr: Callable[[Any], jax.Array]          # weights (decay and no_decay groups)
+  bias_lr: Callable[[Any], jax.Array]     # bias group
+  momentum: Callable[[Any], jax.Array]    # Adam b1
+  warmup_steps: int
+  epochs: float
+  steps_per_epoch: int
+  total_steps: int
+
+
+def make_schedules(optim_config, *, steps_per_epoch: int, total_steps: int) -> Schedules:
+  """The learning-rate and momentum schedules of the recipe (see the module docstring)."""
+  if steps_per_epoch <= 0:
+    raise ValueError(f'steps_per_epoch must be positive, got {steps_per_epoch}')
+  if total_steps <= 0:
+    raise ValueError(f'total_steps must be positive, got {total_steps}')
+  epochs = total_steps / steps_per_epoch
+  n_w = warmup_steps(optim_config, steps_per_epoch)
+  lr0, lrf = float(optim_config.lr), float(optim_config.lrf)
+  b1, b1_start = float(optim_config.b1), float(optim_config.warmup_momentum)
+  bias_start = float(optim_config.warmup_bias_lr)
+
+  def epoch_of(step):
+    step = jnp.asarray(step, jnp.int32)
+    epoch = jnp.minimum(step // steps_per_epoch, epochs)
+    return jnp.where(step >= total_steps, epochs, epoch)  # the end is lrf even when E is fractional
+
+  def warmup_fraction(step):
+    if n_w == 0:
+      return jnp.ones((), jnp.float32)
+    return jnp.clip(jnp.asarray(step, jnp.float32) / n_w, 0.0, 1.0)
+
+  def make_lr(start):
+    def schedule(step):
+      target = lr0 * cosine_factor(epoch_of(step), lrf, epochs)
+      return start + (target - start) * warmup_fraction(step)
+    return schedule
+
+  def momentum(step):
+    return b1_start + (b1 - b1_start) * warmup_fraction(step)
+
+  return Schedules(lr=make_lr(0.0), bias_lr=make_lr(bias_start), momentum=momentum, warmup_steps=n_w,
+                   epochs=epochs, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+
+
+def _norm_param_paths(module: nnx.Module) -> tuple[dict[str, Any], set[str]]:
+  """(the Param state, paths of the Params owned by a *Norm* module) of an nnx Module."""
+  norm_prefixes = [path_to_str(path) for path, node in nnx.iter_graph(module)
+                   if isinstance(node, nnx.Module) and 'Norm' in type(node).__name__]
+  params = nnx.state(module, nnx.Param)
+  names = [path_to_str(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  norm = {name for name in names
+          if any(name == prefix or name.startswith(prefix + '/') for prefix in norm_prefixes if prefix)}
+  return params, norm
+
+
+def param_group(name: str, norm_paths: set[str] | None = None) -> str:
+  """The group ('bias', 'no_decay' or 'decay') of a parameter from its '/'-joined path."""
+  if 'bias' in name:
+    return GROUP_BIAS
+  if 'logit_scale' in name:
+    return GROUP_NO_DECAY
+  if norm_paths is not None:
+    return GROUP_NO_DECAY if name in norm_paths else GROUP_DECAY
+  return GROUP_NO_DECAY if name.rsplit('/', 1)[-1] == 'scale' else GROUP_DECAY
+
+
+def param_groups(params_tree) -> Any:
+  """A tree (the structure of the parameters) of group labels; accepts an nnx Module or a state tree."""
+  if isinstance(params_tree, nnx.Module):
+    params_tree, norm = _norm_param_paths(params_tree)
+  else:
+    norm = None
+  return jax.tree_util.tree_map_with_path(lambda path, _: param_group(path_to_str(path), norm), params_tree)
+
+
+def _group_fn(params_tree) -> Callable[[str], str]:
+  """name -> group, with norm modules found from the Module when one is given."""
+  norm = _norm_param_paths(params_tree)[1] if isinstance(params_tree, nnx.Module) else None
+  return lambda name: param_group(name, norm)
+
+
+def make_optimizer(optim_config, *, steps_per_epoch: int, total_steps: int, params_tree=None
+                   ) -> optax.GradientTransformation:
+  """AdamW with the recipe's groups, warmup, cosine and clipping (module docstring) as one transformation.
+
+  Args:
+    optim_config: the config's `optim` section (lr, b1, b2, eps, weight_decay, lrf, warmup_epochs,
+      warmup_min_steps, warmup_bias_lr, warmup_momentum, clip_norm; clip_norm <= 0 disables clipping).
+    steps_per_epoch: optimizer steps per epoch (training images // global batch).
+    total_steps: optimizer steps of the whole run (`total_train_steps(config.train, steps_per_epoch)`).
+    params_tree: the model (an nnx Module, so norm layers are found by type) or its parameter state;
+      None uses the name rules alone (norm weights = leaves named 'scale').
+
+  The transformation works on any pytree of parameters (an nnx State of Params, a dict); groups are
+  decided from each leaf's path, so `init`/`update` may be given the `nnx.Param` state directly.
+  """
+  schedules = make_schedules(optim_config, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+  group_of = _group_fn(params_tree)
+
+  def labels(params):
+    return jax.tree_util.tree_map_with_path(lambda path, _: group_of(path_to_str(path)), params)
+
+  def decay_mask(params):
+    return jax.tree_util.tree_map_with_path(lambda path, _: group_of(path_to_str(path)) == GROUP_DECAY,
+                                            params)
+
+  def lr_labels(params):
+    return jax.tree.map(lambda group: 'bias' if group == GROUP_BIAS else 'weight', labels(params))
+
+  parts = []
+  if optim_config.clip_norm and optim_config.clip_norm > 0:
+    parts.append(optax.clip_by_global_norm(float(optim_config.clip_norm)))
+  parts += [
+      optax.inject_hyperparams(optax.scale_by_adam)(
+          b1=schedules.momentum, b2=float(optim_config.b2), eps=float(optim_config.eps)),
+      optax.add_decayed_weights(float(optim_config.weight_decay), mask=decay_mask),
+      optax.partition({'weight': optax.scale_by_learning_rate(schedules.lr),
+                       'bias': optax.scale_by_learning_rate(schedules.bias_lr)}, lr_labels),
+  ]
+  return optax.chain(*parts)
+
+
+def schedule_values(schedules: Schedules, step: int) -> dict[str, float]:
+  """{'lr', 'bias_lr', 'momentum'} at `step` as Python floats (for logging)."""
+  return {'lr': float(schedules.lr(step)), 'bias_lr': float(schedules.bias_lr(step)),
+          'momentum': float(schedules.momentum(step))}
+
+
+def steps_per_epoch_for(num_train_images: int, global_batch_size: int) -> int:
+  """Optimizer steps per epoch: full global batches only (the last partial batch is dropped)."""
+  steps = num_train_images // global_batch_size
+  if steps <= 0:
+    raise ValueError(f'{num_train_images} training images give no full global batch of {global_batch_size}')
+  return steps
+
