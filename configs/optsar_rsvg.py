@@ -162,7 +162,7 @@ def get_config():
   # ----------------------------------------------------------------------------------------- eval
   c.eval = ml_collections.ConfigDict()
   c.eval.split = 'test'
-  c.eval.batch_size = 16                 # images per eval step (all their queries go together)
+  c.eval.batch_size = 8                  # items (an image + up to max_queries of its queries) per DEVICE per step
   c.eval.max_queries = 8                 # query slots per image in one eval step (more -> extra passes)
   c.eval.conf_threshold = 1e-4           # top-1 score below this = no prediction
   c.eval.use_ema = True

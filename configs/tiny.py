@@ -40,7 +40,9 @@ def get_config():
   c.train.checkpoint_every = 2
   c.train.log_every = 1
   c.train.eval_every_steps = 0
+  c.train.eval_every_epochs = 0          # no periodic validation in tests
   c.train.ema_tau = 2.0
+  c.optim.warmup_epochs = 0.0
   c.optim.warmup_min_steps = 2
   c.eval.batch_size = 4
   c.eval.max_queries = 4

@@ -1,0 +1,307 @@
+"""Grounding evaluation and inference: the backbone once per image, all of its queries together.
+
+For every image of a split: letterbox to `data.imgsz`, run `encode_image` once, ground each of its
+queries on its own (`ground_queries`, equal to one forward per query), take the top-1 anchor, undo the
+letterbox, and score with the paper's metrics (Pr@0.5..0.9, meanIoU, cumIoU; all / optical / SAR).
+
+Determinism: images are packed into fixed (image, up-to-Q-queries) items in source order; every device
+always runs the same per-device program (`eval.batch_size` items per device), and each item's result does
+not depend on the items beside it, so the metrics are bitwise identical for any number of devices or
+processes. Every process reads the whole split and holds all predictions; process 0 writes files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from optisar_jax import metrics as metrics_lib
+from optisar_jax import predictions as predictions_lib
+from optisar_jax.data import pipeline
+from optisar_jax.models import box_ops
+from optisar_jax.train import sharding as sharding_lib
+from optisar_jax.train import step as step_lib
+from optisar_jax.train import texts as texts_lib
+
+TEXT_CHUNK = 64  # rows per text-tower call: fixed, so a string's vector never depends on its neighbours
+
+
+def make_predict_fn(config: ml_collections.ConfigDict, eval_graphdef):
+  """`predict(params, rest, images uint8 (N,S,S,3), queries (N,Q,D)) -> (boxes (N,Q,4), scores (N,Q))`.
+
+  Boxes are xyxy pixels of the letterboxed canvas; scores are sigmoid match probabilities of the top-1
+  anchor of each query. Only the winning anchor's box is decoded.
+  """
+  points, strides = step_lib.anchors_for(config)
+
+  def predict(params, rest, images, queries):
+    model = nnx.merge(eval_graphdef, params, rest, copy=True)
+    detector = model.detector
+    features = detector.encode_image(images.astype(jnp.float32) / 255.0)
+    out = detector.ground_queries(features, queries)
+    logits = out['region_text_logits']                                   # (N,Q,A)
+    best = jnp.argmax(logits, axis=-1)                                   # first index on ties
+    score = jax.nn.sigmoid(jnp.take_along_axis(logits, best[..., None], axis=-1)[..., 0])
+    best_logits = jnp.take_along_axis(out['box_logits'], best[..., None, None], axis=-2)[..., 0, :]  # (N,Q,4R)
+    boxes = box_ops.decode_boxes(best_logits, points[best], strides[best])                          # (N,Q,4)
+    return boxes.astype(jnp.float32), score.astype(jnp.float32)
+
+  return predict
+
+
+@dataclasses.dataclass
+class QueryResult:
+  """One query's answer, in original-image pixels (box None = no prediction)."""
+  query_id: int
+  caption: str
+  box: np.ndarray | None
+  score: float
+  gt_box: np.ndarray
+  category: str
+  image_index: int
+
+
+class Grounder:
+  """A trained model ready to ground queries: eval-mode weights placed on a mesh, texts, jitted predict."""
+
+  def __init__(self, config: ml_collections.ConfigDict, params, rest, texts: texts_lib.RunTexts, *,
+               mesh: jax.sharding.Mesh | None = None):
+    self.config = config
+    self.texts = texts
+    self.mesh = mesh if mesh is not None else sharding_lib.make_mesh(ml_collections.ConfigDict(
+        {'shape': (-1,), 'axes': ('data',)}))
+    self.replicated = sharding_lib.replicated(self.mesh)
+    self.batch_sharding = jax.sharding.NamedSharding(
+        self.mesh, jax.sharding.PartitionSpec(tuple(self.mesh.axis_names)))
+    self.params = jax.device_put(params, self.replicated)
+    self.rest = jax.device_put(rest, self.replicated)
+    _, eval_graphdef = step_lib.graphdefs(config)
+    self._graphdef = eval_graphdef
+    self._predict = jax.jit(make_predict_fn(config, eval_graphdef),
+                            in_shardings=(self.replicated, self.replicated, self.batch_sharding,
+                                          self.batch_sharding),
+                            out_shardings=(self.replicated, self.replicated))
+    self._tower = None
+    self.embedder = texts_lib.QueryEmbedder(config, texts, embed_tokens=self._embed_tokens)
+
+  # ------------------------------------------------------------------------------------------ text
+  def _embed_tokens(self, tokens: np.ndarray) -> np.ndarray:
+    if self._tower is None:
+      graphdef = self._graphdef
+
+      def run(params, rest, chunk):
+        model = nnx.merge(graphdef, params, rest, copy=True)
+        return model.text_tower(chunk)
+
+      self._tower = jax.jit(run)
+    n = tokens.shape[0]
+    padded = math.ceil(max(n, 1) / TEXT_CHUNK) * TEXT_CHUNK
+    tokens = np.concatenate([tokens, np.zeros((padded - n, tokens.shape[1]), tokens.dtype)])
+    parts = [np.asarray(self._tower(self.params, self.rest, tokens[i:i + TEXT_CHUNK]))
+             for i in range(0, padded, TEXT_CHUNK)]
+    return np.concatenate(parts)[:n]
+
+  def embed_queries(self, strings: Sequence[str]) -> dict[str, np.ndarray]:
+    """{string: (D,) unit vector} for the distinct strings, embedded in sorted order (deterministic)."""
+    unique = sorted(set(s.strip() for s in strings))
+    vectors = self.embedder(unique) if unique else np.zeros((0, self.config.text.dim), np.float32)
+    return {s: vectors[i] for i, s in enumerate(unique)}
+
+  # ---------------------------------------------------------------------------------------- images
+  @property
+  def items_per_step(self) -> int:
+    return int(self.config.eval.batch_size) * self.mesh.size
+
+  def predict_items(self, images: np.ndarray, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """images uint8 (N,S,S,3), queries (N,Q,D) -> canvas boxes (N,Q,4), scores (N,Q); N = items_per_step."""
+    def place(array):
+      array = np.ascontiguousarray(array)
+      return jax.make_array_from_callback(array.shape, self.batch_sharding, lambda index: array[index])
+
+    boxes, scores = self._predict(self.params, self.rest, place(images), place(queries))
+    return np.asarray(jax.device_get(boxes)), np.asarray(jax.device_get(scores))
+
+  def ground(self, image: np.ndarray, queries: Sequence[str]) -> list[tuple[np.ndarray | None, float]]:
+    """Grounds several queries on one RGB image (H,W,3) uint8: [(xyxy original pixels | None, score)]."""
+    from optisar_jax.data import augment
+    canvas, params = augment.letterbox(np.asarray(image), int(self.config.data.imgsz),
+                                       int(self.config.data.pad_value))
+    h, w = image.shape[:2]
+    example = {'image': canvas, 'letterbox': params, 'orig_size': (h, w), 'captions': list(queries),
+               'query_ids': np.arange(len(queries)), 'gt_boxes': np.zeros((len(queries), 4), np.float32),
+               'category_ids': np.zeros(len(queries), np.int64)}
+    results = self.run([example], category_names=['query'], progress=False)
+    return [(r.box, r.score) for r in results]
+
+  def run(self, examples: Iterable[dict], *, category_names: Sequence[str], progress: bool = True
+          ) -> list[QueryResult]:
+    """Grounds every query of every example (dicts of `pipeline.make_eval_examples`)."""
+    examples = list(examples)
+    vectors = self.embed_queries([c for ex in examples for c in ex['captions']])
+    q_max = int(self.config.eval.max_queries)
+    items = [(i, start) for i, ex in enumerate(examples)
+             for start in range(0, len(ex['captions']), q_max)]
+    size = int(self.config.data.imgsz)
+    dim = int(self.config.text.dim)
+    step_items = self.items_per_step
+    conf = float(self.config.eval.conf_threshold)
+    results: list[QueryResult] = []
+    start_time = time.perf_counter()
+    done_queries = 0
+    total_queries = sum(len(ex['captions']) for ex in examples)
+    for first in range(0, len(items), step_items):
+      chunk = items[first:first + step_items]
+      images = np.zeros((step_items, size, size, 3), np.uint8)
+      queries = np.zeros((step_items, q_max, dim), np.float32)
+      for row, (i, start) in enumerate(chunk):
+        images[row] = examples[i]['image']
+        for col, caption in enumerate(examples[i]['captions'][start:start + q_max]):
+          queries[row, col] = vectors[caption.strip()]
+      boxes, scores = self.predict_items(images, queries)
+      for row, (i, start) in enumerate(chunk):
+        ex = examples[i]
+        lb = ex['letterbox']
+        h, w = ex['orig_size']
+        for col in range(min(q_max, len(ex['captions']) - start)):
+          q = start + col
+          score = float(scores[row, col])
+          box = None
+          if score > conf:
+            box = np.asarray(boxes[row, col], np.float64)
+            box = (box - np.array([lb.left, lb.top, lb.left, lb.top])) / lb.ratio
+            box = np.clip(box, 0.0, np.array([w, h, w, h], np.float64))
+          results.append(QueryResult(
+              query_id=int(ex['query_ids'][q]), caption=ex['captions'][q], box=box, score=score,
+              gt_box=np.asarray(ex['gt_boxes'][q], np.float64),
+              category=str(category_names[int(ex['category_ids'][q])]), image_index=i))
+        done_queries += min(q_max, len(ex['captions']) - start)
+      if progress and jax.process_index() == 0:
+        elapsed = time.perf_counter() - start_time
+        sys.stdout.write(f'\reval {done_queries}/{total_queries} queries  '
+                         f'{done_queries / max(elapsed, 1e-9):.1f} queries/s')
+        sys.stdout.flush()
+    if progress and jax.process_index() == 0 and items:
+      sys.stdout.write('\n')
+    return results
+
+
+def score_results(results: Sequence[QueryResult], examples: Sequence[dict]) -> dict:
+  """The metrics JSON (interfaces.md section 5, plus per_category) of grounded queries."""
+  n = len(results)
+  pred = np.full((n, 4), np.nan)
+  for k, r in enumerate(results):
+    if r.box is not None:
+      pred[k] = r.box
+  gt = np.stack([r.gt_box for r in results]) if n else np.zeros((0, 4))
+  wh = np.array([[examples[r.image_index]['orig_size'][1], examples[r.image_index]['orig_size'][0]]
+                 for r in results], np.float64).reshape(-1, 2)
+  return metrics_lib.grounding_metrics(pred, gt, wh, [r.category for r in results])
+
+
+def write_outputs(metrics: dict, results: Sequence[QueryResult], *, output: str | None,
+                  predictions_out: str | None) -> None:
+  """Writes the metrics JSON and the predictions file (process 0, atomically)."""
+  if jax.process_index() != 0:
+    return
+  if output:
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    predictions_lib.write_json_atomic(output, metrics)
+  if predictions_out:
+    os.makedirs(os.path.dirname(os.path.abspath(predictions_out)), exist_ok=True)
+    boxes = np.array([r.box if r.box is not None else [np.nan] * 4 for r in results], np.float64)
+    predictions_lib.write_predictions(predictions_out, [r.query_id for r in results], boxes.reshape(-1, 4),
+                                      [r.score for r in results])
+
+
+def evaluate_split(grounder: Grounder, config: ml_collections.ConfigDict, split: str, *,
+                   progress: bool = True) -> tuple[dict, list[QueryResult], list[dict]]:
+  """(metrics, per-query results, examples) of `split` of the config's TFDS dataset."""
+  from optisar_jax.train.loop import open_source
+  source = open_source(config, split)
+  names = list(source.dataset_info.features['objects']['category'].names)
+  examples = list(pipeline.make_eval_examples(source, int(config.data.imgsz),
+                                              pad_value=int(config.data.pad_value)))
+  results = grounder.run(examples, category_names=names, progress=progress)
+  return score_results(results, examples), results, examples
+
+
+def evaluate_state(config: ml_collections.ConfigDict, workdir: str, state: dict, *, split: str,
+                   mesh=None, progress: bool = False, use_ema: bool | None = None) -> dict:
+  """Metrics of an in-memory train state (the loop's periodic validation)."""
+  use_ema = config.eval.use_ema if use_ema is None else use_ema
+  weights = state['ema'] if use_ema else {'params': state['params'], 'rest': state['rest']}
+  texts = texts_lib.load_run_texts(config, workdir)
+  grounder = Grounder(config, weights['params'], weights['rest'], texts, mesh=mesh)
+  metrics, _, _ = evaluate_split(grounder, config, split, progress=progress)
+  return metrics
+
+
+# -------------------------------------------------------------------------------- trained workdirs
+def load_config_from_workdir(workdir: str) -> ml_collections.ConfigDict:
+  """The config a run was trained with (WORKDIR/config.json)."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'{path}: not found (is {workdir} a training workdir?)')
+  try:
+    with open(path) as f:
+      data = json.load(f)
+  except json.JSONDecodeError as err:
+    raise ValueError(f'{path}: malformed JSON ({err.msg} at line {err.lineno})') from None
+  return _tuples(ml_collections.ConfigDict(data))
+
+
+def _tuples(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """JSON turned tuples into lists; configs use tuples (mesh shapes, rules, ...)."""
+  def convert(value):
+    if isinstance(value, list):
+      return tuple(convert(v) for v in value)
+    return value
+  for key in list(config.keys()):
+    value = config[key]
+    if isinstance(value, ml_collections.ConfigDict):
+      _tuples(value)
+    else:
+      config[key] = convert(value)
+  return config
+
+
+def restore_weights(config: ml_collections.ConfigDict, workdir: str, *, use_ema: bool = True,
+                    best: bool = False):
+  """(params, rest, step) of the newest (or best) checkpoint in WORKDIR, on this process's devices."""
+  from optisar_jax.train import checkpoint as checkpoint_lib
+  from optisar_jax.train import optimizer as optimizer_lib
+  checkpointer = checkpoint_lib.TrainCheckpointer.from_config(workdir, config, async_save=False)
+  step = checkpointer.best_step() if best else checkpointer.latest_step()
+  if step is None:
+    raise FileNotFoundError(f'{checkpointer.best_directory if best else checkpointer.directory}: '
+                            'no checkpoint found')
+  # The optimizer state's structure does not depend on the schedule lengths.
+  tx = optimizer_lib.make_optimizer(config.optim, steps_per_epoch=1, total_steps=1,
+                                    params_tree=step_lib.abstract_model(config))
+  abstract = jax.eval_shape(lambda: step_lib.init_state(config, tx))
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
+  state, _ = (checkpointer.restore_best(abstract) if best else checkpointer.restore(step, abstract))
+  checkpointer.close()
+  weights = state['ema'] if use_ema else {'params': state['params'], 'rest': state['rest']}
+  return weights['params'], weights['rest'], int(jax.device_get(state['step']))
+
+
+def load_grounder(workdir: str, *, use_ema: bool = True, best: bool = False,
+                  overrides: Sequence[str] = ()) -> Grounder:
+  """A Grounder for the newest (or best) checkpoint of a training workdir."""
+  from optisar_jax import config as config_lib
+  config = config_lib.apply_overrides(load_config_from_workdir(workdir), overrides)
+  params, rest, _ = restore_weights(config, workdir, use_ema=use_ema, best=best)
+  return Grounder(config, params, rest, texts_lib.load_run_texts(config, workdir))

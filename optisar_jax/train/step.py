@@ -1,0 +1,135 @@
+"""The training state and the pure, sharded training step.
+
+`TrainState` is a plain pytree (a dict), so Orbax saves it and `jax.jit` shards it without wrappers:
+
+    {'step': int32 (),                        optimizer steps taken
+     'params': nnx.State of nnx.Param,        float32 master weights
+     'rest': nnx.State of everything else,    BatchNorm running statistics (nnx.BatchStat)
+     'opt_state': optax state,
+     'ema': {'params': ..., 'rest': ...}}     EMA of params and BatchNorm statistics (evaluated, exported)
+
+`train_step(state, batch, text_table, rng) -> (state, metrics)` is jitted once with explicit
+in/out shardings and the state donated (see `compile_train_step`). Randomness (SSA dropout, MoE gate noise)
+comes from `fold_in(rng, state['step'])`, so a resumed run draws exactly what an uninterrupted one draws.
+
+BatchNorm under sharding: the batch axis is sharded over the mesh's data axes and the model computes the
+mean/variance over the whole (global) batch, so XLA inserts the cross-device reductions: the statistics
+are those of the global batch (SyncBN), the same for any device count. The reference uses per-GPU
+statistics over 8 images; with a global batch of 64 this changes the statistics slightly (deviation).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+
+from optisar_jax.grounding import GroundingModel
+from optisar_jax.models import box_ops
+from optisar_jax.train import ema as ema_lib
+from optisar_jax.train import losses
+
+TrainState = dict
+
+
+def abstract_model(config: ml_collections.ConfigDict) -> GroundingModel:
+  """The model with ShapeDtypeStruct leaves (no FLOPs, no memory)."""
+  return nnx.eval_shape(lambda: GroundingModel(config, rngs=nnx.Rngs(config.seed)))
+
+
+def graphdefs(config: ml_collections.ConfigDict):
+  """(train graphdef, eval graphdef): the static structure of the model in each mode."""
+  model = abstract_model(config)
+  model.train()
+  train_def = nnx.split(model, nnx.Param, ...)[0]
+  model.eval()
+  eval_def = nnx.split(model, nnx.Param, ...)[0]
+  return train_def, eval_def
+
+
+def init_state(config: ml_collections.ConfigDict, tx: optax.GradientTransformation) -> TrainState:
+  """Builds a fresh state (call under jit with out_shardings so it is created sharded)."""
+  model = GroundingModel(config, rngs=nnx.Rngs(config.seed))
+  _, params, rest = nnx.split(model, nnx.Param, ...)
+  return {
+      'step': jnp.zeros((), jnp.int32),
+      'params': params,
+      'rest': rest,
+      'opt_state': tx.init(params),
+      'ema': ema_lib.init_ema({'params': params, 'rest': rest}),
+  }
+
+
+def anchors_for(config: ml_collections.ConfigDict):
+  """Anchor points (A, 2) in grid units and strides (A, 1) for the config's square input size."""
+  size = config.data.imgsz
+  feature_sizes = [(size // s, size // s) for s in config.model.strides]
+  return box_ops.make_anchors(feature_sizes, config.model.strides)
+
+
+def _tree_all_finite(tree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.floating)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def make_train_step(config: ml_collections.ConfigDict, train_graphdef, tx: optax.GradientTransformation
+                    ) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
+  """Returns the pure `train_step(state, batch, text_table, rng)`.
+
+  batch: the pipeline's dict (docs/internals.md) as global jax.Arrays: image uint8 (B,S,S,3), boxes
+  (B,M,4), box_slots (B,M), box_mask (B,M), text_ids (B,K), text_mask (B,K). text_table: (V,D) float32
+  embeddings (frozen text) or (V,L) int32 token ids (trainable tower), replicated.
+  """
+  loss_config = config.loss
+  skip_nonfinite = config.train.nonfinite == 'skip'
+  ema_decay, ema_tau = config.train.ema_decay, config.train.ema_tau
+  compute_dtype = jnp.dtype(config.model.compute_dtype)
+
+  def train_step(state: TrainState, batch: dict[str, jax.Array], text_table: jax.Array, rng: jax.Array):
+    step_rng = jax.random.fold_in(rng, state['step'])
+    images = batch['image'].astype(compute_dtype) / 255.0
+    points, strides = anchors_for(config)
+
+    def loss_fn(params):
+      # copy=True: the BatchStat variables are mutated inside this trace (train-mode BatchNorm).
+      model = nnx.merge(train_graphdef, params, state['rest'], copy=True)
+      text = model.embed_texts(text_table, batch['text_ids'])
+      outputs = model(images, text, rngs=nnx.Rngs(step_rng))
+      total, components = losses.detection_loss(outputs, batch, (points, strides), loss_config)
+      new_rest = nnx.split(model, nnx.Param, ...)[2]
+      return total, (components, new_rest)
+
+    (loss, (components, new_rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
+    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+    params = optax.apply_updates(state['params'], updates)
+    finite = jnp.isfinite(loss) & _tree_all_finite(grads)
+    new_state = {
+        'step': state['step'] + 1,
+        'params': params,
+        'rest': new_rest,
+        'opt_state': opt_state,
+        'ema': state['ema'],
+    }
+    if skip_nonfinite:
+      # Keep the old weights, statistics and optimizer moments. Integer leaves (the step counters of the
+      # optimizer's schedules) still advance, like state['step'], so the data order and the learning-rate
+      # schedule stay those of an uninterrupted run.
+      def keep(new, old):
+        return jax.tree_util.tree_map(
+            lambda n, o: n if jnp.issubdtype(n.dtype, jnp.integer) else jnp.where(finite, n, o), new, old)
+      new_state['params'] = keep(params, state['params'])
+      new_state['rest'] = keep(new_rest, state['rest'])
+      new_state['opt_state'] = keep(opt_state, state['opt_state'])
+    new_state['ema'] = ema_lib.update_ema(
+        state['ema'], {'params': new_state['params'], 'rest': new_state['rest']},
+        step=new_state['step'], decay=ema_decay, tau=ema_tau)
+    metrics = {'loss': loss, **components, 'grad_norm': optax.global_norm(grads),
+               'finite': finite.astype(jnp.float32)}
+    return new_state, metrics
+
+  return train_step

@@ -1,0 +1,31 @@
+"""Trains OptiSAR-Net++; resumes by itself from the newest checkpoint in --workdir.
+
+  python scripts/train.py --config configs/tiny.py --workdir runs/tiny [--config.train.num_steps=20]
+  # several hosts: add --coordinator_address HOST:PORT --num_processes N --process_id I on each
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from optisar_jax import cli  # noqa: E402
+
+
+def main() -> int:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--config', required=True, help='config file, e.g. configs/optsar_rsvg.py')
+  parser.add_argument('--workdir', required=True, help='run directory (checkpoints, metrics.jsonl, ...)')
+  parser.add_argument('--coordinator_address', default=None, help='multi-host: HOST:PORT of process 0')
+  parser.add_argument('--num_processes', type=int, default=None, help='multi-host: number of processes')
+  parser.add_argument('--process_id', type=int, default=None, help='multi-host: index of this process')
+  args, config = cli.parse_with_config(parser)
+  from optisar_jax.train import loop
+  loop.train(config, args.workdir, coordinator_address=args.coordinator_address,
+             num_processes=args.num_processes, process_id=args.process_id)
+  return 0
+
+
+if __name__ == '__main__':
+  cli.run(main)
