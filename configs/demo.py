@@ -47,4 +47,5 @@ def get_config():
   c.train.ema_tau = 200.0
   c.optim.warmup_epochs = 1.0
   c.eval.batch_size = 16
+  c.demo.num_images = 1500
   return c

@@ -167,6 +167,13 @@ def get_config():
   c.eval.conf_threshold = 1e-4           # top-1 score below this = no prediction
   c.eval.use_ema = True
 
+  # ----------------------------------------------------------------------------------------- demo
+  # The synthetic OptSAR-RSVG-format dataset scripts/demo.py generates when run with this config.
+  c.demo = ml_collections.ConfigDict()
+  c.demo.num_images = 1500
+  c.demo.seed = 0
+  c.demo.num_examples_shown = 12
+
   # ----------------------------------------------------------------------------------------- mesh
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = (-1, 1)

@@ -46,4 +46,5 @@ def get_config():
   c.optim.warmup_min_steps = 2
   c.eval.batch_size = 4
   c.eval.max_queries = 4
+  c.demo.num_images = 24
   return c
