@@ -1,0 +1,140 @@
+"""TGDF-SSA: text-guided dual-gated fusion with spatial shuffle attention (architecture.md section 6).
+
+Paper name: TGDF-SSA (reference class `TGDG_SSA`), neck layers 16, 19 and 22. For x (B,H,W,c1) and a text
+guide T (1 or B, K, D):
+
+  x  = SSA(x)                                     spatial-shuffle channel attention
+  [y0, y1] = Conv1x1(c1 -> 2c)(x);  y_{j+1} = Bottleneck(y_j) (n times)
+  y_att = GatedMaxSigmoidAttn(y_last, T)          text-guided, per-head dual gates
+  out = Conv1x1((3+n)c -> c2)(concat[y0, y1, ..., y_att])
+
+Gate init (`model.tgdg.gate_init` = (weight_gate, feature_gate)): the reference (0, 0) leaves both gates,
+the guide MLP, the temperature, the bias and the embedding conv without gradient forever; our default
+(1, 0) starts from the same function (out = conv branch) but lets the text guidance learn.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from optisar_jax.models.blocks import Bottleneck
+from optisar_jax.models.layers import Conv, LayerOptions, layer_norm, linear, require_rngs
+
+
+def channel_shuffle2(x: jax.Array) -> jax.Array:
+  """2-way channel shuffle over the last axis: out[k] = x[(k mod 2) * C/2 + k // 2]."""
+  c = x.shape[-1]
+  return x.reshape(*x.shape[:-1], 2, c // 2).swapaxes(-1, -2).reshape(x.shape)
+
+
+class SpatialShuffleAttention(nnx.Module):
+  """SSA (C channels, G groups). Per group of C_g = C/G channels, after a 2-way shuffle: the first half
+  is scaled by sigmoid(w_max * GMP(second half) + b_max), the second by sigmoid(w_avg * GAP(first half)
+  + b_avg) (the reference's pairing); parameters (C_g/2,) are shared by all groups; attention dropout
+  (train mode only); a final 2-way shuffle over all C channels. (B,H,W,C) -> (B,H,W,C).
+  """
+
+  def __init__(self, c: int, groups: int, *, dropout: float):
+    if c % (2 * groups):
+      raise ValueError(f'SSA: {c} channels are not divisible by 2 * groups = {2 * groups}')
+    self.groups = groups
+    self.half = c // groups // 2
+    self.w_avg = nnx.Param(jnp.zeros((self.half,)))
+    self.b_avg = nnx.Param(jnp.ones((self.half,)))
+    self.w_max = nnx.Param(jnp.zeros((self.half,)))
+    self.b_max = nnx.Param(jnp.ones((self.half,)))
+    self.dropout = dropout
+    self.deterministic = False
+
+  def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
+    b, h, w, c = x.shape
+    groups = channel_shuffle2(x.reshape(b, h, w, self.groups, c // self.groups))   # (B,H,W,G,C_g)
+    avg = groups[..., :self.half].astype(jnp.float32).mean(axis=(1, 2))              # (B,G,C_g/2)
+    mx = groups[..., self.half:].astype(jnp.float32).max(axis=(1, 2))
+    att = jax.nn.sigmoid(jnp.concatenate([self.w_max[...] * mx + self.b_max[...],
+                                          self.w_avg[...] * avg + self.b_avg[...]], axis=-1))
+    if self.dropout > 0 and not self.deterministic:
+      key = require_rngs(rngs, 'SSA attention dropout').dropout()
+      keep = jax.random.bernoulli(key, 1.0 - self.dropout, att.shape)
+      att = jnp.where(keep, att / (1.0 - self.dropout), 0.0)
+    y = groups * att[:, None, None].astype(x.dtype)
+    return channel_shuffle2(y.reshape(b, h, w, c))
+
+
+class EnhancedGuideProjection(nnx.Module):
+  """Guide MLP: t (1|B, K, D) -> Linear(D -> hidden) -> LN -> GELU -> Linear(-> ec) -> LN -> (·, K, nh, ec/nh)."""
+
+  def __init__(self, text_dim: int, hidden: int, embed_channels: int, num_heads: int, *, rngs: nnx.Rngs):
+    self.num_heads = num_heads
+    self.fc1 = linear(text_dim, hidden, rngs=rngs)
+    self.ln1 = layer_norm(hidden, rngs=rngs)
+    self.fc2 = linear(hidden, embed_channels, rngs=rngs)
+    self.ln2 = layer_norm(embed_channels, rngs=rngs)
+
+  def __call__(self, text: jax.Array) -> jax.Array:
+    g = self.ln2(self.fc2(nnx.gelu(self.ln1(self.fc1(text.astype(jnp.float32))), approximate=False)))
+    return g.reshape(*g.shape[:-1], self.num_heads, -1)          # head-major split of the ec channels
+
+
+class GatedMaxSigmoidAttn(nnx.Module):
+  """Dual-gated max-sigmoid attention (reference `MaxSigmoidAttnBlock_DualGate_v2`), c -> c.
+
+  s[b,h,w,m] = max_k <e[b,h,w,m,:], g[b,k,m,:]> / tau + beta[m];  A = 1 + wg[m] (sigmoid(s) - 1);
+  xp = Conv3x3+BN(x);  out = xp + fg[m] (xp * A - xp), head m owning channels [m c/nh, (m+1) c/nh).
+  x (B,H,W,c), text (1|B, K, D) -> (B,H,W,c).
+  """
+
+  def __init__(self, c: int, text_dim: int, *, embed_channels: int, num_heads: int, guide_hidden: int,
+               gate_init: tuple[float, float], opts: LayerOptions, rngs: nnx.Rngs):
+    self.num_heads = num_heads
+    head_channels = embed_channels // num_heads
+    self.ec = Conv(c, embed_channels, 1, act=False, opts=opts, rngs=rngs) if c != embed_channels else None
+    self.gl = EnhancedGuideProjection(text_dim, guide_hidden, embed_channels, num_heads, rngs=rngs)
+    self.bias = nnx.Param(jnp.zeros((num_heads,)))
+    self.temperature = nnx.Param(jnp.full((1,), math.sqrt(head_channels)))
+    self.weight_gate = nnx.Param(jnp.full((num_heads,), float(gate_init[0])))
+    self.feature_gate = nnx.Param(jnp.full((num_heads,), float(gate_init[1])))
+    self.proj_conv = Conv(c, c, 3, act=False, opts=opts, rngs=rngs)
+
+  def __call__(self, x: jax.Array, text: jax.Array) -> jax.Array:
+    b, h, w, c = x.shape
+    guide = self.gl(text)                                                   # (1|B, K, nh, hc)
+    guide = jnp.broadcast_to(guide, (b,) + guide.shape[1:])
+    embed = self.ec(x) if self.ec is not None else x
+    embed = embed.reshape(b, h, w, self.num_heads, -1).astype(jnp.float32)
+    scores = jnp.einsum('bhwmc,bkmc->bhwmk', embed, guide).max(axis=-1)      # max over ALL K prompts
+    scores = scores / self.temperature[...] + self.bias[...]
+    attn = 1.0 + self.weight_gate[...] * (jax.nn.sigmoid(scores) - 1.0)      # (B,H,W,nh)
+    xp = self.proj_conv(x)
+    xp_heads = xp.reshape(b, h, w, self.num_heads, -1)
+    xa = xp_heads * attn[..., None].astype(xp.dtype)
+    fg = self.feature_gate[...].astype(xp.dtype)[:, None]
+    return (xp_heads + fg * (xa - xp_heads)).reshape(b, h, w, c)
+
+
+class TGDFSSA(nnx.Module):
+  """TGDF-SSA layer: (B,H,W,c1), text (1|B,K,D) -> (B,H,W,c2), hidden c = int(c2 * e), n bottlenecks."""
+
+  def __init__(self, c1: int, c2: int, n: int, text_dim: int, tgdg_config, *, e: float = 0.5,
+               opts: LayerOptions, rngs: nnx.Rngs):
+    self.c = int(c2 * e)
+    self.ssa = SpatialShuffleAttention(c1, int(tgdg_config.ssa_groups), dropout=float(tgdg_config.ssa_dropout))
+    self.cv1 = Conv(c1, 2 * self.c, 1, opts=opts, rngs=rngs)
+    self.m = nnx.List([Bottleneck(self.c, self.c, e=0.5, opts=opts, rngs=rngs) for _ in range(n)])
+    self.attn = GatedMaxSigmoidAttn(
+        self.c, text_dim, embed_channels=int(tgdg_config.embed_channels),
+        num_heads=int(tgdg_config.num_heads), guide_hidden=int(tgdg_config.guide_hidden),
+        gate_init=tuple(tgdg_config.gate_init), opts=opts, rngs=rngs)
+    self.cv2 = Conv((3 + n) * self.c, c2, 1, opts=opts, rngs=rngs)
+
+  def __call__(self, x: jax.Array, text: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
+    y = self.cv1(self.ssa(x, rngs=rngs))
+    ys = [y[..., :self.c], y[..., self.c:]]
+    for block in self.m:
+      ys.append(block(ys[-1]))
+    ys.append(self.attn(ys[-1], text))
+    return self.cv2(jnp.concatenate(ys, axis=-1))

@@ -1,0 +1,162 @@
+"""Basic layers shared by every block: Conv(+BN+SiLU), BatchNorm defaults, PyTorch-default inits.
+
+All maps are NHWC. Parameters are float32; arithmetic runs in `LayerOptions.dtype` (the config's
+`model.compute_dtype`). Inits reproduce PyTorch's defaults (architecture.md section 0) so that the
+reference weights can be ported and the training dynamics start where the reference starts:
+
+* conv / linear weight ~ U(+-1/sqrt(fan_in)) = variance_scaling(1/3, 'fan_in', 'uniform'),
+  fan_in = (c_in / groups) * k * k;
+* bias ~ U(+-1/sqrt(fan_in));
+* BatchNorm: eps 1e-3, flax momentum 0.97 (torch 0.03), scale 1, bias 0, mean 0, var 1;
+* LayerNorm: eps 1e-5.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+def _random(key, shape, dtype, kind: str, a: float, b: float) -> jax.Array:
+  """U(a, b) (kind 'uniform') or N(a, b^2) (kind 'normal') drawn from `key`.
+
+  Eagerly (a concrete key) the numbers come from numpy seeded by the key's data: drawing with
+  jax.random would compile one threefry program per distinct parameter shape (about a hundred per
+  model, seconds each on a CPU). Traced (under jit / eval_shape) it is plain jax.random. Both are
+  deterministic functions of the key.
+  """
+  if isinstance(key, jax.core.Tracer):
+    if kind == 'uniform':
+      return jax.random.uniform(key, shape, dtype, a, b)
+    return a + b * jax.random.normal(key, shape, dtype)
+  data = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+  rng = np.random.default_rng(np.asarray(data, np.uint32).ravel().tolist())
+  values = rng.uniform(a, b, shape) if kind == 'uniform' else rng.normal(a, b, shape)
+  return jnp.asarray(values, dtype)
+
+
+def uniform_init(bound: float) -> Callable[..., jax.Array]:
+  """U(+-bound)."""
+  def init(key, shape, dtype=jnp.float32):
+    return _random(key, shape, dtype, 'uniform', -bound, bound)
+
+  return init
+
+
+def normal_init(std: float) -> Callable[..., jax.Array]:
+  """N(0, std^2)."""
+  def init(key, shape, dtype=jnp.float32):
+    return _random(key, shape, dtype, 'normal', 0.0, std)
+
+  return init
+
+
+def torch_kernel_init(key, shape, dtype=jnp.float32) -> jax.Array:
+  """PyTorch's default weight init U(+-1/sqrt(fan_in)) (kaiming_uniform_ with a = sqrt(5); the same as
+  variance_scaling(1/3, 'fan_in', 'uniform')). Flax kernels are (..., in, out): fan_in = prod(shape[:-1])."""
+  fan_in = math.prod(shape[:-1])
+  return _random(key, shape, dtype, 'uniform', -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
+
+
+def torch_bias_init(fan_in: int) -> Callable[..., jax.Array]:
+  """U(+-1/sqrt(fan_in)): PyTorch's default bias init for Conv2d and Linear."""
+  return uniform_init(1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0)
+
+
+def constant_init(value: float) -> Callable[..., jax.Array]:
+  def init(key, shape, dtype=jnp.float32):
+    del key
+    return jnp.full(shape, value, dtype)
+
+  return init
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerOptions:
+  """What every layer needs besides its shape: compute dtype and the BatchNorm constants."""
+  dtype: Any = jnp.float32
+  bn_momentum: float = 0.97
+  bn_epsilon: float = 1e-3
+
+  @classmethod
+  def from_config(cls, model_config) -> 'LayerOptions':
+    return cls(dtype=jnp.dtype(model_config.compute_dtype), bn_momentum=float(model_config.bn_momentum),
+               bn_epsilon=float(model_config.bn_epsilon))
+
+
+def batch_norm(channels: int, opts: LayerOptions, *, rngs: nnx.Rngs) -> nnx.BatchNorm:
+  """BatchNorm over the last axis; batch statistics in model.train(), running ones in model.eval()."""
+  return nnx.BatchNorm(channels, momentum=opts.bn_momentum, epsilon=opts.bn_epsilon, dtype=opts.dtype,
+                       rngs=rngs)
+
+
+def layer_norm(channels: int, *, rngs: nnx.Rngs) -> nnx.LayerNorm:
+  # Kept in float32: LayerNorm statistics of small vectors are fragile in bfloat16.
+  return nnx.LayerNorm(channels, epsilon=1e-5, rngs=rngs)
+
+
+def conv2d(c1: int, c2: int, k: int = 1, s: int = 1, *, groups: int = 1, use_bias: bool = False,
+           bias_init: Callable | None = None, opts: LayerOptions, rngs: nnx.Rngs) -> nnx.Conv:
+  """Plain 2-D convolution with PyTorch padding k//2 on both sides (not 'SAME', which pads stride-2
+  convolutions asymmetrically) and PyTorch default inits."""
+  pad = k // 2
+  fan_in = (c1 // groups) * k * k
+  return nnx.Conv(c1, c2, (k, k), (s, s), padding=((pad, pad), (pad, pad)), feature_group_count=groups,
+                  use_bias=use_bias, kernel_init=torch_kernel_init,
+                  bias_init=bias_init if bias_init is not None else torch_bias_init(fan_in),
+                  dtype=opts.dtype, rngs=rngs)
+
+
+def linear(din: int, dout: int, *, use_bias: bool = True, kernel_init: Callable | None = None,
+           bias_init: Callable | None = None, dtype: Any = jnp.float32, rngs: nnx.Rngs) -> nnx.Linear:
+  """nn.Linear with PyTorch default inits (overridable for the few zero-initialised layers)."""
+  return nnx.Linear(din, dout, use_bias=use_bias,
+                    kernel_init=kernel_init if kernel_init is not None else torch_kernel_init,
+                    bias_init=bias_init if bias_init is not None else torch_bias_init(din),
+                    dtype=dtype, rngs=rngs)
+
+
+class Conv(nnx.Module):
+  """Ultralytics `Conv`: conv (no bias) -> BatchNorm -> SiLU (or identity when act=False).
+
+  (B,H,W,c1) -> (B,H/s,W/s,c2).
+  """
+
+  def __init__(self, c1: int, c2: int, k: int = 1, s: int = 1, *, groups: int = 1, act: bool = True,
+               opts: LayerOptions, rngs: nnx.Rngs):
+    self.conv = conv2d(c1, c2, k, s, groups=groups, opts=opts, rngs=rngs)
+    self.bn = batch_norm(c2, opts, rngs=rngs)
+    self.act = act
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = self.bn(self.conv(x))
+    return nnx.silu(y) if self.act else y
+
+
+def dw_conv(c: int, k: int, *, act: bool = True, opts: LayerOptions, rngs: nnx.Rngs) -> Conv:
+  """Ultralytics `DWConv(c, c, k)`: a Conv with groups = c."""
+  return Conv(c, c, k, 1, groups=c, act=act, opts=opts, rngs=rngs)
+
+
+def upsample2x(x: jax.Array) -> jax.Array:
+  """Nearest-neighbour x2 upsampling of (B,H,W,C)."""
+  return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+
+def max_pool_same(x: jax.Array, k: int) -> jax.Array:
+  """MaxPool(k, stride 1, padding k//2); the padding acts as -inf, as in torch."""
+  pad = k // 2
+  return nnx.max_pool(x, (k, k), strides=(1, 1), padding=((pad, pad), (pad, pad)))
+
+
+def require_rngs(rngs: nnx.Rngs | None, layer: str) -> nnx.Rngs:
+  """Stochastic layers in train mode draw from the call-time `rngs`; fail loudly when there is none."""
+  if rngs is None:
+    raise ValueError(f'{layer} is stochastic in train mode and needs rngs: call the model with '
+                     'rngs=nnx.Rngs(...) or switch it to model.eval()')
+  return rngs

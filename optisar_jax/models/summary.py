@@ -1,0 +1,75 @@
+"""Per-module parameter table of OptiSARNet, built abstractly (nnx.eval_shape: no memory, no FLOPs).
+
+Counts nnx.Param scalars only: BatchNorm running statistics are not parameters, and the fixed DFL
+projection [0..reg_max-1] is a constant of the box decoding (box_ops), not part of the model.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+
+from flax import nnx
+
+from optisar_jax.models.detector import LAYER_NAMES, OptiSARNet
+
+
+def build_abstract_model(config) -> OptiSARNet:
+  """The model of `config` with ShapeDtypeStruct leaves (nothing allocated)."""
+  return nnx.eval_shape(lambda: OptiSARNet(config.model, int(config.text.dim), rngs=nnx.Rngs(0)))
+
+
+def count_params(module: nnx.Module) -> int:
+  """Number of nnx.Param scalars in `module`."""
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
+
+
+def layer_param_counts(model: OptiSARNet) -> list[int]:
+  """Parameter count of each reference layer L0..L23."""
+  return [count_params(layer) for layer in model.layers]
+
+
+def _children(module: nnx.Module):
+  for name, value in vars(module).items():
+    if isinstance(value, nnx.Module):
+      yield name, value
+    elif isinstance(value, nnx.List):
+      for i, item in enumerate(value):
+        if isinstance(item, nnx.Module):
+          yield f'{name}[{i}]', item
+
+
+def summary_rows(model: OptiSARNet, depth: int = 1) -> list[tuple[str, str, int]]:
+  """(name, module type, params) rows: one per layer L0..L23, plus `depth` levels of sub-modules."""
+  rows = []
+
+  def visit(prefix: str, module: nnx.Module, level: int):
+    for name, child in _children(module):
+      n = count_params(child)
+      if n:
+        rows.append(('  ' * level + f'{prefix}.{name}', type(child).__name__, n))
+        if level < depth:
+          visit(f'{prefix}.{name}', child, level + 1)
+
+  for i, (kind, layer) in enumerate(zip(LAYER_NAMES, model.layers)):
+    rows.append((f'L{i}', kind, count_params(layer)))
+    if depth > 0:
+      visit(f'L{i}', layer, 1)
+  return rows
+
+
+def format_summary(config, depth: int = 1) -> str:
+  """The table printed by scripts/model_summary.py; its last line is `total_params N`."""
+  model = build_abstract_model(config)
+  rows = summary_rows(model, depth)
+  width = max(max(len(r[0]) for r in rows), len('layer')) + 2
+  lines = [f"scale {config.model.scale}, text_dim {config.text.dim}, compute {config.model.compute_dtype}",
+           f"{'layer':<{width}}{'module':<26}{'params':>12}"]
+  lines += [f'{name:<{width}}{kind:<26}{n:>12,}' for name, kind, n in rows]
+  counts = layer_param_counts(model)
+  lines.append(f'backbone L0-L10 {sum(counts[:11]):,} | neck L11-L22 {sum(counts[11:23]):,} | '
+               f'head L23 {counts[23]:,}')
+  lines.append(f'fixed DFL projection (not a parameter, in box_ops): {int(config.model.reg_max)} values')
+  lines.append(f'total_params {count_params(model)}')
+  return '\n'.join(lines)

@@ -1,0 +1,30 @@
+"""Prints the per-module parameter table of a config's detector; the last line is `total_params N`.
+
+Usage:
+  python scripts/model_summary.py --config configs/optsar_rsvg.py [--depth 1] [--config.model.scale=l]
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--config', required=True, help='config file or bare name under configs/')
+  parser.add_argument('--depth', type=int, default=1, help='levels of sub-modules listed under each layer')
+  args, overrides = parser.parse_known_args(argv)
+  from optisar_jax.config import load_config
+  from optisar_jax.models.summary import format_summary
+  try:
+    config = load_config(args.config, overrides)
+  except (FileNotFoundError, KeyError, ValueError) as err:
+    sys.exit(f'model_summary: {err.args[0] if isinstance(err, KeyError) else err}')
+  print(format_summary(config, args.depth))
+
+
+if __name__ == '__main__':
+  main()
