@@ -20,3 +20,10 @@ if REPO_ROOT not in sys.path:
 from absl import flags  # noqa: E402
 
 flags.FLAGS.mark_as_parsed()
+
+# Tests compile the same tiny programs many times (and CI runs on the same machine again): share them.
+from optisar_jax.cli import enable_compilation_cache  # noqa: E402
+
+enable_compilation_cache(os.environ.get('OPTISAR_JAX_CACHE_DIR',
+                                        os.path.join(os.path.expanduser('~'), '.cache', 'optisar_jax',
+                                                     'xla-tests')))

@@ -1,7 +1,10 @@
 """Per-module parameter table of OptiSARNet, built abstractly (nnx.eval_shape: no memory, no FLOPs).
 
-Counts nnx.Param scalars only: BatchNorm running statistics are not parameters, and the fixed DFL
-projection [0..reg_max-1] is a constant of the box decoding (box_ops), not part of the model.
+Rows count nnx.Param scalars: BatchNorm running statistics are not parameters. The last line,
+`total_params`, follows the reference's convention (PyTorch `sum(p.numel() for p in model.parameters())`
+without the unused visual-prompt encoder): trainable parameters plus the reg_max weights of the frozen DFL
+projection, which the reference holds as a non-trainable Conv2d and we keep as a constant of the box
+decoding (box_ops). For scale m: 28,123,320 trainable + 16 = 28,123,336.
 """
 
 from __future__ import annotations
@@ -70,6 +73,9 @@ def format_summary(config, depth: int = 1) -> str:
   counts = layer_param_counts(model)
   lines.append(f'backbone L0-L10 {sum(counts[:11]):,} | neck L11-L22 {sum(counts[11:23]):,} | '
                f'head L23 {counts[23]:,}')
-  lines.append(f'fixed DFL projection (not a parameter, in box_ops): {int(config.model.reg_max)} values')
-  lines.append(f'total_params {count_params(model)}')
+  trainable = count_params(model)
+  lines.append(f'trainable_params {trainable}')
+  lines.append(f'frozen DFL projection (a parameter in the reference, a constant in box_ops): '
+               f'{int(config.model.reg_max)}')
+  lines.append(f'total_params {trainable + int(config.model.reg_max)}')
   return '\n'.join(lines)

@@ -100,8 +100,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, coordinator_addres
       config.optim, steps_per_epoch=dataset.steps_per_epoch, total_steps=total_steps)
   train_graphdef, _ = step_lib.graphdefs(config)
   rules = tuple(tuple(rule) for rule in config.mesh.sharding_rules)
-  state, state_shardings = sharding_lib.create_sharded_state(
-      lambda: step_lib.init_state(config, tx), mesh, rules)
+  state, state_shardings = step_lib.create_train_state(config, tx, mesh, rules)
 
   checkpointer = checkpoint_lib.TrainCheckpointer.from_config(workdir, config)
   data_iter = dataset.iterator(0)
