@@ -15,10 +15,11 @@ What one timed unit is:
 
 * `mode='forward'`: `model(x)` on a random float32 (batch, 3, imgsz, imgsz) tensor in
   `torch.inference_mode()`, eval mode, Conv+BatchNorm folded (`model.fuse()`, what Ultralytics'
-  predictor does through `AutoBackend(fuse=True)`; `fuse=False` keeps them apart). The class prompts are
-  set once with `set_classes` (as the YOLOE text-prompt predictor does), so the head's contrastive scores
-  run against `num_prompts` embeddings. Box decoding (DFL + anchors) is inside the forward; letterboxing,
-  NMS and any host transfer are not.
+  predictor does through `AutoBackend(fuse=True)`; `fuse=False` keeps them apart), after setting the
+  BatchNorm statistics from one train-mode forward on the input (see `_calibrate_batchnorm`). The class
+  prompts are set once with `set_classes` (as the YOLOE text-prompt predictor does), so the head's
+  contrastive scores run against `num_prompts` embeddings. Box decoding (DFL + anchors) is inside the
+  forward; letterboxing, NMS and any host transfer are not.
 * `mode='train_step'`: one step of Ultralytics' text-prompt training recipe on a synthetic batch: train
   mode, forward with `txt_feats` (random unit vectors, (batch, num_prompts, 512), passed through the
   head's trainable text projection `reprta`), the real YOLOE detection loss (`v8DetectionLoss`:
@@ -78,6 +79,25 @@ def _build_model(scale: str, family: str, seed: int):
   return model.float().cpu(), torch
 
 
+def _calibrate_batchnorm(model, images, torch) -> None:
+  """Sets every BatchNorm's running statistics to those of one train-mode forward on `images`.
+
+  With random weights and the initial statistics (mean 0, variance 1), eval-mode activations shrink by
+  about 10x per stage (to ~1e-9 at the end of YOLOE-11m's backbone), heading for the denormal range; a
+  trained model's activations stay near unit scale, and so do these after this.
+  """
+  norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+  momenta = [m.momentum for m in norms]
+  for m in norms:
+    m.reset_running_stats()
+    m.momentum = None  # cumulative average: one forward sets the statistics exactly
+  model.train()
+  with torch.no_grad():
+    model(images)
+  for m, momentum in zip(norms, momenta):
+    m.momentum = momentum
+
+
 def peer_parameter_count(scale: str, family: str = 'yoloe') -> int:
   """Parameters of the unfused peer (YOLOE-11 counts its text projection and visual-prompt branch too).
 
@@ -125,10 +145,11 @@ def build_ultralytics_peer(scale: str, imgsz: int, batch: int, threads: int, mod
     return torch.nn.functional.normalize(emb, dim=-1)
 
   if mode == 'forward':
-    model.eval()
     if yoloe:
       # What YOLOE.get_text_pe returns after the head's text projection: unit vectors, (1, P, 512).
       model.set_classes([f'prompt{i}' for i in range(num_prompts)], unit_prompts(1))
+    _calibrate_batchnorm(model, images, torch)
+    model.eval()
     if fuse:
       model.fuse(verbose=False)
 
