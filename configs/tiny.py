@@ -36,7 +36,7 @@ def get_config():
   c.model.moe.gate_dim = 8
   c.train.epochs = 1
   c.train.num_steps = 4
-  c.train.batch_size = 4
+  c.train.batch_size = 8                 # divisible by the 8 simulated test devices
   c.train.checkpoint_every = 2
   c.train.log_every = 1
   c.train.eval_every_steps = 0

@@ -95,3 +95,203 @@ def record(what: str, config_name: str, batch: int, imgsz: int, times: list[floa
 
 def random_images(batch: int, imgsz: int, seed: int = 0) -> np.ndarray:
   return np.random.default_rng(seed).integers(0, 256, (batch, imgsz, imgsz, 3), dtype=np.uint8)
+
+
+# ------------------------------------------------------------------------------------ measurements
+def _fresh_weights(config):
+  """Eval-mode (params, rest) of a freshly initialised model (timings do not depend on the values)."""
+  from flax import nnx
+  from optisar_jax.grounding import GroundingModel
+  model = GroundingModel(config, rngs=nnx.Rngs(config.seed))
+  model.eval()
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  return graphdef, params, rest
+
+
+def bench_forward(config, config_name: str, batch: int, imgsz: int, *, warmup: int, repeats: int,
+                  against: str | None = None, threads: int | None = None) -> dict[str, Any]:
+  """Eval-mode forward (backbone + neck + head, one query per image, decoded top-1 box)."""
+  import jax.numpy as jnp
+  from flax import nnx
+  from optisar_jax import evaluation
+  from optisar_jax.train import step as step_lib
+  config.data.imgsz = imgsz
+  graphdef, params, rest = _fresh_weights(config)
+  predict = jax.jit(evaluation.make_predict_fn(config, graphdef))
+  images = jnp.asarray(random_images(batch, imgsz))
+  queries = jnp.asarray(np.random.default_rng(1).normal(size=(batch, 1, config.text.dim)), jnp.float32)
+  queries = queries / jnp.linalg.norm(queries, axis=-1, keepdims=True)
+  compiled = predict.lower(params, rest, images, queries).compile()
+  gflops = cost_gflops(compiled)
+  del step_lib, nnx
+  ours = lambda: compiled(params, rest, images, queries)
+  if against:
+    peer = _peer(against, config, batch, imgsz, 'forward', threads)
+    t_ours, t_peer = time_alternating(ours, peer, warmup=warmup, repeats=repeats)
+    peer_stats = summarize(t_peer)
+    return record('forward', config_name, batch, imgsz, t_ours, gflops, peer=against + _peer_name(config),
+                  peer_median_s=peer_stats['median_s'],
+                  ratio=summarize(t_ours)['median_s'] / peer_stats['median_s'])
+  return record('forward', config_name, batch, imgsz, time_calls(ours, warmup=warmup, repeats=repeats), gflops)
+
+
+def _peer_name(config) -> str:
+  return f':yoloe-11{config.model.scale}'
+
+
+def _peer(against: str, config, batch: int, imgsz: int, mode: str, threads: int | None):
+  if against != 'ultralytics':
+    raise ValueError(f'--against {against!r}: only ultralytics is supported')
+  from optisar_jax import peers
+  scale = config.model.scale
+  if scale not in ('n', 's', 'm', 'l', 'x'):
+    raise ValueError(f'--against ultralytics needs a standard scale (n/s/m/l/x), config has {scale!r}')
+  import os
+  threads = threads or os.cpu_count() or 1
+  return peers.build_ultralytics_peer(scale, imgsz, batch, threads, mode)
+
+
+def bench_train_step(config, config_name: str, batch: int, imgsz: int, *, warmup: int, repeats: int,
+                     against: str | None = None, threads: int | None = None) -> dict[str, Any]:
+  """One optimizer step (forward, assigner, losses, backward, AdamW, EMA) on a random batch."""
+  from optisar_jax.train import optimizer as optimizer_lib
+  from optisar_jax.train import sharding as sharding_lib
+  from optisar_jax.train import step as step_lib
+  config.data.imgsz = imgsz
+  config.train.batch_size = batch
+  mesh = sharding_lib.make_mesh(config.mesh)
+  rules = tuple(tuple(rule) for rule in config.mesh.sharding_rules)
+  setup = step_lib.setup_training(config, mesh, rules, make_tx=lambda model: optimizer_lib.make_optimizer(
+      config.optim, steps_per_epoch=100, total_steps=10000, params_tree=model))
+  state = setup.state
+  batch_sharding = sharding_lib.batch_sharding(mesh)
+  replicated = sharding_lib.replicated(mesh)
+  step_fn = step_lib.jit_train_step(config, setup, mesh)
+  rng = np.random.default_rng(0)
+  k, m = int(config.data.max_text_slots), int(config.data.max_boxes)
+  xy = rng.uniform(0, imgsz * 0.6, (batch, m, 2))
+  wh = rng.uniform(16, imgsz * 0.3, (batch, m, 2))
+  batch_np = {
+      'image': random_images(batch, imgsz), 'boxes': np.concatenate([xy, xy + wh], -1).astype(np.float32),
+      'box_slots': rng.integers(0, k, (batch, m)).astype(np.int32),
+      'box_mask': (np.arange(m)[None] < 4).repeat(batch, 0), 'text_ids': np.tile(np.arange(k, dtype=np.int32), (batch, 1)),
+      'text_mask': np.ones((batch, k), bool), 'domain': np.zeros((batch,), np.int32)}
+  if config.text.mode == 'trainable':
+    table = rng.integers(3, int(config.text.tower.vocab_size), (k, int(config.text.tower.context_length))).astype(np.int32)
+  else:
+    table = rng.normal(size=(k, int(config.text.dim))).astype(np.float32)
+  with jax.set_mesh(mesh):
+    global_batch = sharding_lib.global_batch_from_process_local(batch_np, batch_sharding)
+    table = jax.device_put(table, replicated)
+    key = jax.device_put(jax.random.PRNGKey(0), replicated)
+    compiled = step_fn.lower(state, global_batch, table, key).compile()
+    gflops = cost_gflops(compiled)
+    holder = {'state': state}
+
+    def ours():
+      holder['state'], metrics = compiled(holder['state'], global_batch, table, key)
+      return metrics
+
+    if against:
+      peer = _peer(against, config, batch, imgsz, 'train_step', threads)
+      t_ours, t_peer = time_alternating(ours, peer, warmup=warmup, repeats=repeats)
+      peer_stats = summarize(t_peer)
+      out = record('train_step', config_name, batch, imgsz, t_ours, gflops, peer=against + _peer_name(config),
+                   peer_median_s=peer_stats['median_s'],
+                   ratio=summarize(t_ours)['median_s'] / peer_stats['median_s'])
+    else:
+      out = record('train_step', config_name, batch, imgsz, time_calls(ours, warmup=warmup, repeats=repeats),
+                   gflops)
+  out['images_per_s'] = batch / out['median_s']
+  return out
+
+
+def _synthetic_source(config, num_images: int, split: str):
+  """A TFDS source of a synthetic dataset built in a temporary directory (when --data_dir is not given)."""
+  import tempfile
+  from optisar_jax.data import build_tfds, make_synthetic_dataset
+  from optisar_jax.train.loop import open_source
+  root = tempfile.mkdtemp(prefix='optisar-bench-')
+  make_synthetic_dataset(f'{root}/raw', format='optsar', num_images=num_images, seed=0)
+  build_tfds('optsar_rsvg', f'{root}/raw', f'{root}/tfds')
+  config.data.name = 'optsar_rsvg'
+  config.data.data_dir = f'{root}/tfds'
+  return open_source(config, split)
+
+
+def bench_evaluate(config, config_name: str, batch: int, imgsz: int, *, warmup: int, repeats: int,
+                   num_images: int = 60, source=None, **unused) -> dict[str, Any]:
+  """Evaluation throughput (queries/s) on a synthetic test split: query-batched vs one query per forward."""
+  import ml_collections
+  from optisar_jax import evaluation
+  from optisar_jax.data import pipeline
+  from optisar_jax.train import texts as texts_lib
+  del unused
+  config.data.imgsz = imgsz
+  config.eval.batch_size = batch
+  if source is None:
+    source = _synthetic_source(config, num_images, 'test')
+  names = list(source.dataset_info.features['objects']['category'].names)
+  examples = list(pipeline.make_eval_examples(source, imgsz, pad_value=int(config.data.pad_value)))
+  queries = sum(len(ex['captions']) for ex in examples)
+  graphdef, params, rest = _fresh_weights(config)
+  dim = int(config.text.dim)
+
+  class _Texts:
+    def __call__(self, strings):
+      rng = np.random.default_rng(abs(hash(tuple(strings))) % (2 ** 32))
+      v = rng.normal(size=(len(strings), dim)).astype(np.float32)
+      return v / np.linalg.norm(v, axis=-1, keepdims=True)
+
+  results = {}
+  for label, max_queries in (('batched', int(config.eval.max_queries)), ('per_query', 1)):
+    cfg = ml_collections.ConfigDict(config.to_dict())
+    cfg.eval.max_queries = max_queries
+    grounder = evaluation.Grounder(cfg, params, rest, texts_lib.RunTexts(vocabulary=None, table=None))
+    grounder.embedder = _Texts()
+    run = lambda: grounder.run(examples, category_names=names, progress=False)
+    results[label] = time_calls(run, warmup=warmup, repeats=repeats)
+  batched, single = summarize(results['batched']), summarize(results['per_query'])
+  out = record('evaluate', config_name, batch, imgsz, results['batched'], None,
+               queries=queries, images=len(examples),
+               queries_per_s=queries / batched['median_s'],
+               per_query_median_s=single['median_s'], per_query_queries_per_s=queries / single['median_s'],
+               speedup_vs_per_query=single['median_s'] / batched['median_s'])
+  return out
+
+
+def bench_input(config, config_name: str, batch: int, imgsz: int, *, warmup: int, repeats: int,
+                num_images: int = 64, source=None, **unused) -> dict[str, Any]:
+  """Training input pipeline (decode, mosaic, affine, HSV, flip, text slots) in images/s."""
+  import time as time_lib
+  from optisar_jax.data import pipeline
+  from optisar_jax.data.vocabulary import build_vocabulary
+  from optisar_jax.train import texts as texts_lib
+  del unused
+  config.data.imgsz = imgsz
+  config.train.batch_size = batch
+  config.train.num_steps = 10 ** 6
+  if source is None:
+    source = _synthetic_source(config, num_images, 'train')
+  captions, names = texts_lib.training_captions(source)
+  vocabulary = build_vocabulary(captions, names, config.data)
+  dataset = pipeline.make_train_dataset(source, config, vocabulary)
+  iterator = dataset.iterator(0)
+  times = []
+  try:
+    for _ in range(warmup):
+      next(iterator)
+    for _ in range(repeats):
+      start = time_lib.perf_counter()
+      next(iterator)
+      times.append(time_lib.perf_counter() - start)
+  finally:
+    iterator.close()
+  out = record('input', config_name, batch, imgsz, times, None,
+               mosaic=float(config.data.augment.mosaic), worker_count=int(config.data.worker_count))
+  out['images_per_s'] = batch / out['median_s']
+  return out
+
+
+BENCHMARKS = {'forward': bench_forward, 'train_step': bench_train_step, 'evaluate': bench_evaluate,
+              'input': bench_input}

@@ -76,7 +76,7 @@ class Grounder:
   """A trained model ready to ground queries: eval-mode weights placed on a mesh, texts, jitted predict."""
 
   def __init__(self, config: ml_collections.ConfigDict, params, rest, texts: texts_lib.RunTexts, *,
-               mesh: jax.sharding.Mesh | None = None):
+               mesh: jax.sharding.Mesh | None = None, eval_graphdef=None):
     self.config = config
     self.texts = texts
     self.mesh = mesh if mesh is not None else sharding_lib.make_mesh(ml_collections.ConfigDict(
@@ -86,7 +86,8 @@ class Grounder:
         self.mesh, jax.sharding.PartitionSpec(tuple(self.mesh.axis_names)))
     self.params = jax.device_put(params, self.replicated)
     self.rest = jax.device_put(rest, self.replicated)
-    _, eval_graphdef = step_lib.graphdefs(config)
+    if eval_graphdef is None:
+      _, eval_graphdef = step_lib.graphdefs(config)
     self._graphdef = eval_graphdef
     self._predict = jax.jit(make_predict_fn(config, eval_graphdef),
                             in_shardings=(self.replicated, self.replicated, self.batch_sharding,
@@ -278,7 +279,8 @@ def _tuples(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 def restore_weights(config: ml_collections.ConfigDict, workdir: str, *, use_ema: bool = True,
                     best: bool = False):
-  """(params, rest, step) of the newest (or best) checkpoint in WORKDIR, on this process's devices."""
+  """(params, rest, step, eval graphdef) of the newest (or best) checkpoint in WORKDIR, on this process's
+  first device."""
   from optisar_jax.train import checkpoint as checkpoint_lib
   from optisar_jax.train import optimizer as optimizer_lib
   checkpointer = checkpoint_lib.TrainCheckpointer.from_config(workdir, config, async_save=False)
@@ -287,15 +289,15 @@ def restore_weights(config: ml_collections.ConfigDict, workdir: str, *, use_ema:
     raise FileNotFoundError(f'{checkpointer.best_directory if best else checkpointer.directory}: '
                             'no checkpoint found')
   # The optimizer state's structure does not depend on the schedule lengths.
-  tx = optimizer_lib.make_optimizer(config.optim, steps_per_epoch=1, total_steps=1,
-                                    params_tree=step_lib.abstract_model(config))
-  abstract = jax.eval_shape(lambda: step_lib.init_state(config, tx))
+  model = step_lib.abstract_model(config)
+  tx = optimizer_lib.make_optimizer(config.optim, steps_per_epoch=1, total_steps=1, params_tree=model)
+  abstract = step_lib.abstract_state(model, tx)
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
   state, _ = (checkpointer.restore_best(abstract) if best else checkpointer.restore(step, abstract))
   checkpointer.close()
   weights = state['ema'] if use_ema else {'params': state['params'], 'rest': state['rest']}
-  return weights['params'], weights['rest'], int(jax.device_get(state['step']))
+  return weights['params'], weights['rest'], int(jax.device_get(state['step'])), step_lib.graphdefs_of(model)[1]
 
 
 def load_grounder(workdir: str, *, use_ema: bool = True, best: bool = False,
@@ -303,5 +305,5 @@ def load_grounder(workdir: str, *, use_ema: bool = True, best: bool = False,
   """A Grounder for the newest (or best) checkpoint of a training workdir."""
   from optisar_jax import config as config_lib
   config = config_lib.apply_overrides(load_config_from_workdir(workdir), overrides)
-  params, rest, _ = restore_weights(config, workdir, use_ema=use_ema, best=best)
-  return Grounder(config, params, rest, texts_lib.load_run_texts(config, workdir))
+  params, rest, _, eval_graphdef = restore_weights(config, workdir, use_ema=use_ema, best=best)
+  return Grounder(config, params, rest, texts_lib.load_run_texts(config, workdir), eval_graphdef=eval_graphdef)

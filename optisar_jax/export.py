@@ -51,13 +51,11 @@ def write_export(workdir: str, output_dir: str, *, use_ema: bool = True) -> str:
   from jax import export as jax_export
 
   from optisar_jax import evaluation
-  from optisar_jax.train import step as step_lib
   from optisar_jax.train import texts as texts_lib
 
   config = evaluation.load_config_from_workdir(workdir)
-  params, rest, step = evaluation.restore_weights(config, workdir, use_ema=use_ema)
+  params, rest, step, eval_graphdef = evaluation.restore_weights(config, workdir, use_ema=use_ema)
   texts_lib.load_run_texts(config, workdir)  # checks the run's text files exist and are consistent
-  _, eval_graphdef = step_lib.graphdefs(config)
   weights = {'params': _pure(params), 'rest': _pure(rest)}
   leaves, treedef = jax.tree.flatten(weights)
   leaf_paths = [[str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path]

@@ -27,3 +27,32 @@ from optisar_jax.cli import enable_compilation_cache  # noqa: E402
 enable_compilation_cache(os.environ.get('OPTISAR_JAX_CACHE_DIR',
                                         os.path.join(os.path.expanduser('~'), '.cache', 'optisar_jax',
                                                      'xla-tests')))
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope='session')
+def synthetic_tfds(tmp_path_factory):
+  """A small synthetic OptSAR-RSVG release built into TFDS: (raw_dir, data_dir)."""
+  from optisar_jax.data import build_tfds, make_synthetic_dataset
+  root = tmp_path_factory.mktemp('synthetic')
+  raw, data_dir = str(root / 'raw'), str(root / 'tfds')
+  make_synthetic_dataset(raw, format='optsar', num_images=40, seed=3)
+  build_tfds('optsar_rsvg', raw, data_dir)
+  return raw, data_dir
+
+
+def tiny_config(data_dir, *overrides):
+  from optisar_jax.config import load_config
+  return load_config('tiny', [f'data.data_dir={data_dir}', *overrides])
+
+
+@pytest.fixture(scope='session')
+def trained_tiny(synthetic_tfds, tmp_path_factory):
+  """A tiny run trained for 4 steps on the synthetic dataset: (workdir, config)."""
+  from optisar_jax.train import loop
+  workdir = str(tmp_path_factory.mktemp('trained') / 'run')
+  config = tiny_config(synthetic_tfds[1], 'train.num_steps=4', 'train.checkpoint_every=4')
+  loop.train(config, workdir)
+  return workdir, config

@@ -93,14 +93,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, coordinator_addres
   total_steps = dataset.num_steps
 
   # ------------------------------------------------------------------------------ model + optimizer
-  tx = optimizer_lib.make_optimizer(
-      config.optim, steps_per_epoch=dataset.steps_per_epoch, total_steps=total_steps,
-      params_tree=step_lib.abstract_model(config))
+  rules = tuple(tuple(rule) for rule in config.mesh.sharding_rules)
+  setup = step_lib.setup_training(config, mesh, rules, make_tx=lambda model: optimizer_lib.make_optimizer(
+      config.optim, steps_per_epoch=dataset.steps_per_epoch, total_steps=total_steps, params_tree=model))
+  state, state_shardings = setup.state, setup.shardings
   schedules = optimizer_lib.make_schedules(
       config.optim, steps_per_epoch=dataset.steps_per_epoch, total_steps=total_steps)
-  train_graphdef, _ = step_lib.graphdefs(config)
-  rules = tuple(tuple(rule) for rule in config.mesh.sharding_rules)
-  state, state_shardings = step_lib.create_train_state(config, tx, mesh, rules)
 
   checkpointer = checkpoint_lib.TrainCheckpointer.from_config(workdir, config)
   data_iter = dataset.iterator(0)
@@ -118,11 +116,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, coordinator_addres
   # --------------------------------------------------------------------------------- the jitted step
   batch_sharding = sharding_lib.batch_sharding(mesh)
   replicated = sharding_lib.replicated(mesh)
-  train_step = jax.jit(
-      step_lib.make_train_step(config, train_graphdef, tx),
-      in_shardings=(state_shardings, batch_sharding, replicated, replicated),
-      out_shardings=(state_shardings, replicated),
-      donate_argnums=(0,))
+  train_step = step_lib.jit_train_step(config, setup, mesh)
   text_table = jax.device_put(texts.table, replicated)
   base_rng = jax.device_put(jax.random.PRNGKey(config.seed), replicated)
 

@@ -155,7 +155,8 @@ class ProgressPrinter:
     parts = [f'{int(step)}/{self.total_steps}']
     if self.steps_per_epoch:
       epochs = self.total_steps / self.steps_per_epoch
-      parts.append(f'epoch {int(step) // self.steps_per_epoch + 1}/{math.ceil(epochs)}')
+      # step counts completed steps: step s belongs to epoch (s - 1) // steps_per_epoch + 1.
+      parts.append(f"epoch {max(int(step) - 1, 0) // self.steps_per_epoch + 1}/{math.ceil(epochs)}")
     values = to_python_scalars({k: v for k, v in metrics.items() if self.keys is None or k in self.keys})
     parts.append(' '.join(f'{name} {_format_value(value)}' for name, value in values.items()))
     if self._rate:

@@ -20,7 +20,7 @@ statistics over 8 images; with a global batch of 64 this changes the statistics 
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -42,9 +42,8 @@ def abstract_model(config: ml_collections.ConfigDict) -> GroundingModel:
   return nnx.eval_shape(lambda: GroundingModel(config, rngs=nnx.Rngs(config.seed)))
 
 
-def graphdefs(config: ml_collections.ConfigDict):
+def graphdefs_of(model: GroundingModel):
   """(train graphdef, eval graphdef): the static structure of the model in each mode."""
-  model = abstract_model(config)
   model.train()
   train_def = nnx.split(model, nnx.Param, ...)[0]
   model.eval()
@@ -52,9 +51,13 @@ def graphdefs(config: ml_collections.ConfigDict):
   return train_def, eval_def
 
 
-def init_state(config: ml_collections.ConfigDict, tx: optax.GradientTransformation) -> TrainState:
-  """Builds a fresh state (call under jit with out_shardings so it is created sharded)."""
-  model = GroundingModel(config, rngs=nnx.Rngs(config.seed))
+def graphdefs(config: ml_collections.ConfigDict):
+  """`graphdefs_of` an abstract model of the config."""
+  return graphdefs_of(abstract_model(config))
+
+
+def state_from_model(model: GroundingModel, tx: optax.GradientTransformation) -> TrainState:
+  """A fresh state holding the model's initial weights."""
   _, params, rest = nnx.split(model, nnx.Param, ...)
   return {
       'step': jnp.zeros((), jnp.int32),
@@ -65,19 +68,45 @@ def init_state(config: ml_collections.ConfigDict, tx: optax.GradientTransformati
   }
 
 
-def create_train_state(config: ml_collections.ConfigDict, tx: optax.GradientTransformation, mesh, rules
-                       ) -> tuple[TrainState, Any]:
-  """A fresh state placed on `mesh` by the sharding `rules`: (state, shardings).
+def init_state(config: ml_collections.ConfigDict, tx: optax.GradientTransformation) -> TrainState:
+  """A fresh state of the config's model (use under `jax.eval_shape` for the abstract tree)."""
+  return state_from_model(GroundingModel(config, rngs=nnx.Rngs(config.seed)), tx)
+
+
+def abstract_state(model: GroundingModel, tx: optax.GradientTransformation) -> TrainState:
+  """The state tree of `model` (concrete or abstract) as ShapeDtypeStructs (a checkpoint restore target)."""
+  _, params, rest = nnx.split(model, nnx.Param, ...)
+  return jax.eval_shape(lambda p, r: {
+      'step': jnp.zeros((), jnp.int32), 'params': p, 'rest': r, 'opt_state': tx.init(p),
+      'ema': ema_lib.init_ema({'params': p, 'rest': r})}, params, rest)
+
+
+class TrainSetup(NamedTuple):
+  """What a training run needs from the model: the placed state and how to rebuild the model."""
+  state: TrainState
+  shardings: Any
+  tx: optax.GradientTransformation
+  train_graphdef: Any
+  eval_graphdef: Any
+
+
+def setup_training(config: ml_collections.ConfigDict, mesh, rules, *,
+                   make_tx: Callable[[GroundingModel], optax.GradientTransformation]) -> TrainSetup:
+  """Builds the model once and returns its fresh state placed on `mesh` by the sharding `rules`.
 
   The initial values are computed eagerly on the host CPU (the modules draw them with numpy from the
   seed, which is fast; jit-compiling hundreds of random initialisers takes minutes on a CPU), identically
   on every process, and each device then receives only its shard (`make_array_from_callback`). The
-  values do not depend on the device count. The host copy is freed after placement; at 28M parameters it
-  is ~0.5 GB with the optimizer moments, which every pod host can hold.
+  values do not depend on the device count. The host copy is dropped after placement (at 28M parameters
+  it is ~0.5 GB with the optimizer moments, which every pod host can hold). `make_tx(model)` builds the
+  optimizer (it reads parameter groups from the model).
   """
   from optisar_jax.train import sharding as sharding_lib
   with jax.default_device(jax.local_devices(backend='cpu')[0]):
-    host_state = jax.device_get(init_state(config, tx))
+    model = GroundingModel(config, rngs=nnx.Rngs(config.seed))
+    tx = make_tx(model)
+    host_state = jax.device_get(state_from_model(model, tx))
+  train_def, eval_def = graphdefs_of(model)
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), host_state)
   shardings = sharding_lib.param_shardings(mesh, abstract, rules)
 
@@ -85,7 +114,8 @@ def create_train_state(config: ml_collections.ConfigDict, tx: optax.GradientTran
     value = np.asarray(value)
     return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
-  return jax.tree.map(place, host_state, shardings), shardings
+  state = jax.tree.map(place, host_state, shardings)
+  return TrainSetup(state, shardings, tx, train_def, eval_def)
 
 
 def anchors_for(config: ml_collections.ConfigDict):
@@ -157,3 +187,13 @@ def make_train_step(config: ml_collections.ConfigDict, train_graphdef, tx: optax
     return new_state, metrics
 
   return train_step
+
+
+def jit_train_step(config: ml_collections.ConfigDict, setup: TrainSetup, mesh):
+  """The train step jitted once: the state sharded by the rules and donated, the batch split over the
+  mesh's data axes, the text table and the rng key replicated."""
+  from optisar_jax.train import sharding as sharding_lib
+  replicated = sharding_lib.replicated(mesh)
+  return jax.jit(make_train_step(config, setup.train_graphdef, setup.tx),
+                 in_shardings=(setup.shardings, sharding_lib.batch_sharding(mesh), replicated, replicated),
+                 out_shardings=(setup.shardings, replicated), donate_argnums=(0,))

@@ -1,0 +1,48 @@
+"""Times one thing after warm-up; prints one JSON line per measurement.
+
+  python scripts/benchmark.py --what forward --config configs/optsar_rsvg.py [--batch 1] [--imgsz 640]
+  python scripts/benchmark.py --what forward --config configs/optsar_rsvg.py --against ultralytics
+  python scripts/benchmark.py --what {train_step,evaluate,input} --config configs/demo.py
+
+Keys: what, config, batch, imgsz, median_s (and min/max/stdev), gflops (per call, XLA cost analysis, when
+known), gflops_per_s, device, peak_memory_bytes; with --against ultralytics also peer, peer_median_s and
+ratio = ours / peer (same process, alternating runs). --against needs `pip install -e '.[bench]'`.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from optisar_jax import cli  # noqa: E402
+
+
+def main() -> int:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--what', required=True, choices=['forward', 'train_step', 'evaluate', 'input'])
+  parser.add_argument('--config', required=True, help='config file')
+  parser.add_argument('--batch', type=int, default=None, help='batch (default: 1 for forward, else the config)')
+  parser.add_argument('--imgsz', type=int, default=None, help='input size (default: the config data.imgsz)')
+  parser.add_argument('--warmup', type=int, default=2)
+  parser.add_argument('--repeats', type=int, default=5)
+  parser.add_argument('--against', choices=['ultralytics'], default=None, help='time the PyTorch peer too')
+  parser.add_argument('--threads', type=int, default=None, help='peer torch threads (default: all cores)')
+  args, config = cli.parse_with_config(parser)
+  from optisar_jax import benchmark
+  batch = args.batch or (1 if args.what == 'forward' else
+                         int(config.eval.batch_size) if args.what == 'evaluate' else int(config.train.batch_size))
+  imgsz = args.imgsz or int(config.data.imgsz)
+  kwargs = {'warmup': args.warmup, 'repeats': args.repeats}
+  if args.what in ('forward', 'train_step'):
+    kwargs.update(against=args.against, threads=args.threads)
+  elif args.against:
+    raise ValueError(f'--against: not available for --what {args.what}')
+  result = benchmark.BENCHMARKS[args.what](config, os.path.basename(args.config), batch, imgsz, **kwargs)
+  print(json.dumps(result), flush=True)
+  return 0
+
+
+if __name__ == '__main__':
+  cli.run(main)

@@ -1,0 +1,136 @@
+"""Evaluation, inference and export of a trained tiny run: exactness across devices, batching and export."""
+
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+from PIL import Image
+
+from optisar_jax import evaluation
+from optisar_jax import export
+from optisar_jax import inference
+from optisar_jax import predictions as predictions_lib
+from optisar_jax.train import texts as texts_lib
+
+
+def _grounder(workdir, config, devices, **overrides):
+  config = ml_collections.ConfigDict(config.to_dict())
+  for key, value in overrides.items():
+    section, name = key.split('__')
+    config[section][name] = value
+  mesh = jax.make_mesh((len(devices),), ('data',), axis_types=(jax.sharding.AxisType.Auto,),
+                       devices=devices)
+  params, rest, _, graphdef = evaluation.restore_weights(config, workdir)
+  return evaluation.Grounder(config, params, rest, texts_lib.load_run_texts(config, workdir), mesh=mesh,
+                             eval_graphdef=graphdef)
+
+
+@pytest.fixture(scope='module')
+def test_split(trained_tiny):
+  workdir, config = trained_tiny
+  grounder = _grounder(workdir, config, jax.devices()[:1])
+  metrics, results, examples = evaluation.evaluate_split(grounder, config, 'test', progress=False)
+  return metrics, results, examples
+
+
+def test_metrics_bitwise_identical_for_1_4_and_8_devices(trained_tiny, test_split):
+  workdir, config = trained_tiny
+  metrics1, results1, _ = test_split
+  assert metrics1['all']['n'] == len(results1) > 0
+  for count in (4, 8):
+    grounder = _grounder(workdir, config, jax.devices()[:count])
+    metrics, results, _ = evaluation.evaluate_split(grounder, config, 'test', progress=False)
+    assert json.dumps(metrics, sort_keys=True) == json.dumps(metrics1, sort_keys=True)
+    for a, b in zip(results1, results):
+      assert a.query_id == b.query_id and a.score == b.score
+      np.testing.assert_array_equal(a.box, b.box)
+
+
+def test_batched_queries_equal_one_query_per_forward(trained_tiny, test_split):
+  workdir, config = trained_tiny
+  _, batched, examples = test_split
+  single = _grounder(workdir, config, jax.devices()[:1], eval__max_queries=1)
+  names = [r.category for r in batched]
+  del names
+  from optisar_jax.train.loop import open_source
+  categories = open_source(config, 'test').dataset_info.features['objects']['category'].names
+  one_by_one = single.run(examples, category_names=categories, progress=False)
+  assert [r.query_id for r in one_by_one] == [r.query_id for r in batched]
+  for a, b in zip(batched, one_by_one):
+    assert a.score == pytest.approx(b.score, rel=1e-4, abs=1e-6)
+    np.testing.assert_allclose(a.box, b.box, atol=1e-2)
+
+
+def test_predictions_file_scores_like_the_evaluator(trained_tiny, test_split, synthetic_tfds, tmp_path):
+  metrics, results, _ = test_split
+  out = str(tmp_path / 'preds.json')
+  evaluation.write_outputs(metrics, results, output=str(tmp_path / 'm.json'), predictions_out=out)
+  rescored = predictions_lib.score_predictions(out, os.path.join(synthetic_tfds[0], 'test.json'))
+  for domain in ('all', 'optical', 'sar'):
+    assert rescored[domain]['n'] == metrics[domain]['n']
+    for key, value in metrics[domain].items():
+      if value is not None and key != 'n':
+        assert rescored[domain][key] == pytest.approx(value, abs=1e-3), (domain, key)
+  with open(str(tmp_path / 'm.json')) as f:
+    assert set(json.load(f)) >= {'all', 'optical', 'sar'}
+
+
+def test_export_gives_the_in_process_outputs(trained_tiny, tmp_path):
+  workdir, config = trained_tiny
+  path = export.write_export(workdir, str(tmp_path / 'export'))
+  exported = export.load_export(path)
+  grounder = _grounder(workdir, config, jax.devices()[:1])
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 255, (grounder.items_per_step, config.data.imgsz, config.data.imgsz, 3), np.uint8)
+  vectors = grounder.embedder(['the ship in the upper left', 'the largest vehicle', 'the bridge'])
+  queries = np.broadcast_to(vectors[None, :, :], (images.shape[0],) + vectors.shape).copy()
+  boxes, scores = grounder.predict_items(images, np.pad(queries, ((0, 0), (0, 1), (0, 0)))[:, :config.eval.max_queries])
+  e_boxes, e_scores = exported.predict(images, queries)
+  np.testing.assert_allclose(e_boxes, boxes[:, :3], rtol=1e-5, atol=1e-3)
+  np.testing.assert_allclose(e_scores, scores[:, :3], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(exported.embed(['the bridge']), vectors[2:3], atol=1e-6)
+  with pytest.raises(FileExistsError):
+    export.write_export(workdir, path)
+
+
+@pytest.fixture(scope='module')
+def loaded_grounder(trained_tiny):
+  return evaluation.load_grounder(trained_tiny[0])
+
+
+@pytest.mark.parametrize('fmt,mode', [('JPEG', 'RGB'), ('PNG', 'RGB'), ('PNG', 'L')])
+def test_infer_maps_the_box_back_to_the_original_image(trained_tiny, loaded_grounder, tmp_path, fmt, mode):
+  workdir, config = trained_tiny
+  grounder = loaded_grounder
+  rng = np.random.default_rng(1)
+  h, w = 90, 150                                           # non-square: letterbox pads top and bottom
+  pixels = rng.integers(0, 255, (h, w) if mode == 'L' else (h, w, 3), np.uint8)
+  path = str(tmp_path / f'image.{fmt.lower()}')
+  Image.fromarray(pixels, mode).save(path, format=fmt)
+  from optisar_jax.data import augment
+  from optisar_jax.data.release import load_image_rgb
+  image = load_image_rgb(path)
+  assert image.shape == (h, w, 3)
+  if fmt == 'PNG' and mode == 'L':                         # the command-line path, with its picture
+    answers = inference.ground_image_file(workdir, path, ['the ship in the upper left'],
+                                          output_png=str(tmp_path / 'out.png'))
+    assert os.path.isfile(tmp_path / 'out.png')
+  else:
+    answers = inference.ground_image(grounder, image, ['the ship in the upper left'])
+  (answer,) = answers
+  # The same query through the batched path, mapped back by hand.
+  canvas, lb = augment.letterbox(image, config.data.imgsz, config.data.pad_value)
+  vectors = grounder.embedder(['the ship in the upper left'])
+  images = np.zeros((grounder.items_per_step, config.data.imgsz, config.data.imgsz, 3), np.uint8)
+  queries = np.zeros((grounder.items_per_step, config.eval.max_queries, config.text.dim), np.float32)
+  images[0], queries[0, 0] = canvas, vectors[0]
+  boxes, scores = grounder.predict_items(images, queries)
+  expected = np.clip((boxes[0, 0] - [lb.left, lb.top, lb.left, lb.top]) / lb.ratio, 0, [w, h, w, h])
+  assert answer['score'] == pytest.approx(float(scores[0, 0]), rel=1e-5)
+  assert answer['bbox'] is not None
+  x, y, bw, bh = answer['bbox']
+  np.testing.assert_allclose([x, y, x + bw, y + bh], expected, atol=1e-3)
+  assert 0 <= x and 0 <= y and x + bw <= w + 1e-6 and y + bh <= h + 1e-6

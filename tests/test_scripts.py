@@ -1,0 +1,48 @@
+"""Command-line contract: one-line errors with non-zero exits, and the parameter count of scale m."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(*args, timeout=300):
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  env.pop('XLA_FLAGS', None)
+  return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                        env=env)
+
+
+def test_model_summary_prints_the_reference_parameter_count():
+  result = _run('scripts/model_summary.py', '--config', 'configs/optsar_rsvg.py')
+  assert result.returncode == 0, result.stderr
+  lines = result.stdout.strip().splitlines()
+  assert lines[-1] == 'total_params 28123336'
+  assert 'trainable_params 28123320' in lines
+  assert any(line.startswith('L8 ') and '2,908,099' in line for line in lines)   # PL-MoE
+  assert any(line.startswith('L23 ') and '3,784,414' in line for line in lines)  # head without SAVPE
+
+
+@pytest.mark.parametrize('args,needle', [
+    (['--config', 'configs/tiny.py', '--workdir', 'unused', '--config.train.no_such_key=1'],
+     "config key 'train.no_such_key' does not exist"),
+    (['--config', 'configs/nope.py', '--workdir', 'unused'], 'configs/nope.py: config file not found'),
+    (['--config', 'configs/tiny.py', '--workdir', 'unused', '--config.data.data_dir=/nonexistent/tfds'],
+     '/nonexistent/tfds'),
+])
+def test_train_bad_input_is_one_line_and_nonzero(tmp_path, args, needle):
+  args = [a.replace('unused', str(tmp_path / 'w')) for a in args]
+  result = _run('scripts/train.py', *args)
+  assert result.returncode != 0
+  lines = [line for line in result.stderr.strip().splitlines() if line.startswith('error:')]
+  assert len(lines) == 1 and needle in lines[0], result.stderr[-2000:]
+  assert 'Traceback' not in result.stderr
+
+
+def test_evaluate_on_a_missing_workdir_is_one_line(tmp_path):
+  result = _run('scripts/evaluate.py', '--workdir', str(tmp_path / 'missing'))
+  assert result.returncode != 0
+  assert 'config.json' in result.stderr and 'Traceback' not in result.stderr
