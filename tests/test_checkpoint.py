@@ -193,7 +193,7 @@ def test_metrics_writer_and_progress_printer(tmp_path):
   printer = run_logging.ProgressPrinter(100, steps_per_epoch=10, global_batch_size=8, stream=stream)
   printer.line(10, {'loss': 1.0}, now=0.0)
   text = printer.line(20, {'loss': 0.5, 'box': 0.25}, now=2.0)
-  assert text.startswith('20/100  epoch 3/10  loss 0.5 box 0.25')
+  assert text.startswith('20/100  epoch 2/10  loss 0.5 box 0.25')   # step 20 ends epoch 2
   assert '40.0 img/s' in text and 'ETA 00:16' in text
   printer(30, {'loss': 0.4})
   assert stream.getvalue().endswith('\n') and '\r' not in stream.getvalue()

@@ -1,5 +1,5 @@
 """scripts/train.py on two local processes (jax.distributed over gloo, 2 CPU devices each) gives the same
-losses as one process with 4 devices and the same global batch."""
+losses as one process with the same global batch."""
 
 import json
 import os
@@ -30,15 +30,13 @@ def _losses(workdir):
     return [(row['step'], row['loss'], row['cls'], row['box']) for row in map(json.loads, f) if 'loss' in row]
 
 
-def test_two_processes_match_one_process(synthetic_tfds, tmp_path):
+def test_two_processes_match_one_process(trained_tiny, synthetic_tfds, tmp_path):
+  """Same config as the in-process `trained_tiny` run (8 devices, one process, global batch 8): here 2
+  processes x 2 devices, each feeding its 4 rows of every global batch."""
+  straight, _ = trained_tiny
   data_dir = synthetic_tfds[1]
   common = ['scripts/train.py', '--config', 'configs/tiny.py', f'--config.data.data_dir={data_dir}',
-            '--config.train.num_steps=2', '--config.train.checkpoint_every=2',
-            '--config.model.tgdg.ssa_dropout=0.0', '--config.model.moe.noisy_gating=False']
-  single = str(tmp_path / 'single')
-  result = subprocess.run([sys.executable, *common, '--workdir', single], cwd=REPO, env=_env(4),
-                          capture_output=True, text=True, timeout=900)
-  assert result.returncode == 0, result.stderr[-3000:]
+            '--config.train.num_steps=4', '--config.train.checkpoint_every=4']
   multi = str(tmp_path / 'multi')
   port = _free_port()
   procs = [subprocess.Popen([sys.executable, *common, '--workdir', multi,
@@ -53,7 +51,8 @@ def test_two_processes_match_one_process(synthetic_tfds, tmp_path):
         p.kill()
   for p, (_, err) in zip(procs, outputs):
     assert p.returncode == 0, err[-3000:]
-  one, two = _losses(single), _losses(multi)
-  assert [r[0] for r in one] == [r[0] for r in two] == [1, 2]
-  np.testing.assert_allclose(np.array([r[1:] for r in two]), np.array([r[1:] for r in one]), rtol=2e-4)
-  assert os.path.isdir(os.path.join(multi, 'checkpoints', '2'))
+  one, two = _losses(straight), _losses(multi)
+  assert [r[0] for r in one] == [r[0] for r in two] == [1, 2, 3, 4]
+  # 8 vs 4 devices: the same global batch, reductions in another order (see test_train_loop).
+  np.testing.assert_allclose(np.array([r[1:] for r in two]), np.array([r[1:] for r in one]), rtol=1e-3)
+  assert os.path.isdir(os.path.join(multi, 'checkpoints', '4'))

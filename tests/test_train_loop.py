@@ -109,3 +109,25 @@ def test_loss_falls_when_fitting_one_batch(synthetic_tfds):
   first = float(history[0]['loss'])
   last = float(np.mean([h['loss'] for h in history[-3:]]))
   assert last < 0.6 * first, (first, last)
+
+
+def test_frozen_text_mode_trains_from_the_embedding_cache(synthetic_tfds, tmp_path):
+  """The paper's mode: a frozen encoder's embeddings precomputed once, looked up by the train step; the
+  evaluator embeds queries that are not in the cache with the same encoder."""
+  from optisar_jax.text.cache import prepare_text_embeddings
+  encoder_dir = os.path.join(os.path.dirname(__file__), 'fixtures', 'text', 'bert')   # 32-d BERT
+  emb_dir = str(tmp_path / 'embeddings')
+  config = tiny_config(synthetic_tfds[1], 'text.mode=frozen', f'text.encoder={encoder_dir}',
+                       f'text.embeddings_dir={emb_dir}', 'train.num_steps=2', 'train.checkpoint_every=2')
+  cache = prepare_text_embeddings(config, synthetic_tfds[1], emb_dir)
+  assert 'background' in cache and cache.dim == 32
+  workdir = str(tmp_path / 'run')
+  loop.train(config, workdir)
+  rows = _rows(workdir)
+  assert [r['step'] for r in rows] == [1, 2] and all(np.isfinite(r['loss']) for r in rows)
+  grounder = evaluation.load_grounder(workdir)
+  unseen = 'a query that no training caption contains'
+  assert unseen not in cache
+  vectors = grounder.embedder([unseen, 'background'])
+  np.testing.assert_allclose(np.linalg.norm(vectors, axis=-1), 1.0, rtol=1e-5)
+  np.testing.assert_allclose(vectors[1], cache.lookup(['background'])[0], atol=1e-6)
