@@ -37,7 +37,7 @@ def get_config():
   c.model.moe.num_experts = 4
   c.model.moe.rank = 16
   c.model.moe.gate_dim = 16
-  c.train.epochs = 30
+  c.train.epochs = 26
   c.train.num_steps = 0
   c.train.batch_size = 16
   c.train.checkpoint_every = 200
