@@ -156,7 +156,7 @@ def get_config():
   c.train.eval_every_steps = 0           # > 0 overrides eval_every_epochs
   c.train.ema_decay = 0.9999
   c.train.ema_tau = 2000.0
-  c.train.batchnorm_stats = 'global'     # 'global' (sync over the data axis) or 'per_device'
+  # BatchNorm statistics are those of the global batch (XLA reduces over the data axes): see train/step.py.
   c.train.nonfinite = 'stop'             # 'stop' or 'skip'
 
   # ----------------------------------------------------------------------------------------- eval
