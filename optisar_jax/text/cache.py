@@ -17,6 +17,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from optisar_jax.text.files import read_json_object
+
 STRINGS_FILE = 'strings.json'
 EMBEDDINGS_FILE = 'embeddings.npy'
 
@@ -80,12 +82,8 @@ class EmbeddingCache:
       raise FileNotFoundError(f'{strings_path}: caption table not found')
     if not os.path.isfile(matrix_path):
       raise FileNotFoundError(f'{matrix_path}: embedding matrix not found')
-    try:
-      with open(strings_path, encoding='utf-8') as f:
-        table = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-      raise ValueError(f'{strings_path}: malformed JSON ({e})') from None
-    if (not isinstance(table, dict) or not isinstance(table.get('strings'), list)
+    table = read_json_object(strings_path, 'caption table')
+    if (not isinstance(table.get('strings'), list)
         or not all(isinstance(s, str) for s in table['strings'])
         or not isinstance(table.get('encoder_identity'), str)):
       raise ValueError(f'{strings_path}: expected {{"encoder_identity": str, "strings": [str, ...]}}')

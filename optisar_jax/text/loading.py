@@ -17,7 +17,6 @@ blocking depends on the row count, so a varying row count would change the last 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from typing import Any, Callable, Sequence
 
@@ -26,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from optisar_jax.text.files import read_json_object
 from optisar_jax.text import bert as bert_lib
 from optisar_jax.text import clip as clip_lib
 from optisar_jax.text import layers
@@ -40,19 +40,6 @@ HF_SCHEME = 'hf://'
 # ------------------------------------------------------------------------------------------- files
 
 
-def _read_json(path: str, what: str) -> dict:
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'{path}: {what} not found')
-  try:
-    with open(path, encoding='utf-8') as f:
-      data = json.load(f)
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise ValueError(f'{path}: malformed JSON ({e})') from None
-  if not isinstance(data, dict):
-    raise ValueError(f'{path}: expected a JSON object, got {type(data).__name__}')
-  return data
-
-
 def weight_files(model_dir: str) -> list[str]:
   """The safetensors file(s) of a model directory (single file or sharded with an index)."""
   single = os.path.join(model_dir, 'model.safetensors')
@@ -60,7 +47,7 @@ def weight_files(model_dir: str) -> list[str]:
     return [single]
   index = os.path.join(model_dir, 'model.safetensors.index.json')
   if os.path.isfile(index):
-    weight_map = _read_json(index, 'safetensors index').get('weight_map')
+    weight_map = read_json_object(index, 'safetensors index').get('weight_map')
     if not isinstance(weight_map, dict):
       raise ValueError(f'{index}: no "weight_map" object')
     files = [os.path.join(model_dir, f) for f in sorted(set(weight_map.values()))]
@@ -228,7 +215,7 @@ def _bert_max_length(model_dir: str, config: bert_lib.BertConfig, tokenizer: Any
   limit = config.max_position_embeddings
   st_path = os.path.join(model_dir, 'sentence_bert_config.json')
   if os.path.isfile(st_path):
-    st = _read_json(st_path, 'sentence-transformers config')
+    st = read_json_object(st_path, 'sentence-transformers config')
     if st.get('max_seq_length'):
       limit = min(limit, int(st['max_seq_length']))
   model_max = getattr(tokenizer, 'model_max_length', None)
@@ -251,7 +238,7 @@ def load_text_encoder(path: str, *, batch_size: int = 64,
   from transformers import AutoConfig  # pylint: disable=g-import-not-at-top
   model_dir = resolve_model_dir(path)
   config_path = os.path.join(model_dir, 'config.json')
-  raw = _read_json(config_path, 'text encoder config')
+  raw = read_json_object(config_path, 'text encoder config')
   model_type = raw.get('model_type')
   if model_type not in CLIP_TYPES + BERT_TYPES:
     raise ValueError(f'{config_path}: unsupported model_type {model_type!r} '
