@@ -30,6 +30,7 @@ from optisar_jax import metrics as metrics_lib
 from optisar_jax import predictions as predictions_lib
 from optisar_jax.data import pipeline
 from optisar_jax.models import box_ops
+from optisar_jax.train import distributed
 from optisar_jax.train import sharding as sharding_lib
 from optisar_jax.train import step as step_lib
 from optisar_jax.train import texts as texts_lib
@@ -93,6 +94,7 @@ class Grounder:
                             in_shardings=(self.replicated, self.replicated, self.batch_sharding,
                                           self.batch_sharding),
                             out_shardings=(self.replicated, self.replicated))
+    self._compiled_predict = None
     self._tower = None
     self.embedder = texts_lib.QueryEmbedder(config, texts, embed_tokens=self._embed_tokens)
 
@@ -130,7 +132,11 @@ class Grounder:
       array = np.ascontiguousarray(array)
       return jax.make_array_from_callback(array.shape, self.batch_sharding, lambda index: array[index])
 
-    boxes, scores = self._predict(self.params, self.rest, place(images), place(queries))
+    images, queries = place(images), place(queries)
+    if self._compiled_predict is None:
+      self._compiled_predict = distributed.compile_together(self._predict, self.params, self.rest, images,
+                                                            queries, name='predict')
+    boxes, scores = self._compiled_predict(self.params, self.rest, images, queries)
     return np.asarray(jax.device_get(boxes)), np.asarray(jax.device_get(scores))
 
   def ground(self, image: np.ndarray, queries: Sequence[str]) -> list[tuple[np.ndarray | None, float]]:

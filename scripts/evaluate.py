@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
       message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
       print(f'evaluate.py: error: {str(message).splitlines()[0]}', file=sys.stderr)
       return 1
+    distributed.shutdown()
     return 0
   if args.predictions is None:
     parser.error('give --workdir W, or --predictions P --annotations A.json')

@@ -12,18 +12,32 @@
 
 On CPU, cross-process collectives go through gloo (`jax_cpu_collectives_implementation`), which is how
 multi-host training is tested on one machine: two processes, 2 CPU devices each, one global mesh of 4.
+
+Processes drift apart wherever they do different amounts of work: compiling (one process may hit the
+persistent compilation cache while another compiles for minutes), building the model, opening data. A
+collective tolerates little drift: gloo builds its communicators at the first collective of a device set
+and gives the other processes 30 s to show up, then fails with `Gloo context initialization failed:
+DEADLINE_EXCEEDED`. So every large compilation goes through `compile_together` (compile, then wait on
+a coordination-service `barrier`, whose timeout is ours to choose), and the end of a job goes through
+`barrier` before `shutdown`, so that no process waits for a late one inside JAX's own shutdown barrier.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
+from typing import Any
 
 import jax
 
 logger = logging.getLogger(__name__)
 
 _initialized = False
+_barrier_ids = itertools.count()
+
+# Long enough for the slowest process to compile a large model from scratch on a loaded machine.
+DEFAULT_BARRIER_TIMEOUT_S = 3600
 
 
 def _env_int(name: str) -> int | None:
@@ -89,12 +103,42 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   return True
 
 
+def barrier(name: str, timeout_s: int = DEFAULT_BARRIER_TIMEOUT_S) -> None:
+  """Waits until every process has called `barrier` with this name (in the same order on all processes).
+
+  A coordination-service barrier (no device collective, so no gloo communicator is involved); a no-op
+  for a single process. Raises when a process does not arrive within `timeout_s`.
+  """
+  if jax.process_count() == 1:
+    return
+  import orbax.checkpoint as ocp  # its barrier_sync_fn wraps the distributed client's wait_at_barrier
+  key = f'optisar_jax.{name}.{next(_barrier_ids)}'
+  ocp.multihost.get_barrier_sync_fn()(key=key, timeout_ms=int(timeout_s * 1000))
+
+
+def compile_together(jitted, *args: Any, name: str, timeout_s: int = DEFAULT_BARRIER_TIMEOUT_S):
+  """`jitted.lower(*args).compile()`, returned once EVERY process has compiled it.
+
+  Call the returned `jax.stages.Compiled` instead of `jitted` (same shardings, same donation): its first
+  collective then finds all processes ready. Single process: just the compilation.
+  """
+  compiled = jitted.lower(*args).compile()
+  barrier(f'{name}.compiled', timeout_s)
+  return compiled
+
+
 def shutdown() -> None:
-  """Leaves the multi-process job (a no-op when `initialize` did nothing)."""
+  """Leaves the multi-process job (a no-op when `initialize` did nothing), after a `barrier`, so that
+  all processes reach JAX's shutdown barrier (whose timeout is 5 minutes) at about the same time."""
   global _initialized
   if _initialized:
+    barrier('shutdown')
     jax.distributed.shutdown()
     _initialized = False
+_barrier_ids = itertools.count()
+
+# Long enough for the slowest process to compile a large model from scratch on a loaded machine.
+DEFAULT_BARRIER_TIMEOUT_S = 3600
 
 
 def process_index() -> int:

@@ -100,6 +100,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, coordinator_addres
   schedules = optimizer_lib.make_schedules(
       config.optim, steps_per_epoch=dataset.steps_per_epoch, total_steps=total_steps)
 
+  distributed.barrier('setup')   # Orbax's manager syncs over gloo, which waits only 30 s for stragglers
   checkpointer = checkpoint_lib.TrainCheckpointer.from_config(workdir, config)
   data_iter = dataset.iterator(0)
   start_step = 0
@@ -131,11 +132,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, coordinator_addres
   skipped = 0
   steps_this_run = 0
   step = start_step
+  compiled_step = None
   with jax.set_mesh(mesh), checkpoint_lib.PreemptionGuard() as guard:
     while step < total_steps:
       batch_np = next(data_iter)
       batch = sharding_lib.global_batch_from_process_local(batch_np, batch_sharding)
-      state, metrics = train_step(state, batch, text_table, base_rng)
+      if compiled_step is None:   # compiled ahead of the first call, on every process before any runs it
+        compiled_step = distributed.compile_together(train_step, state, batch, text_table, base_rng,
+                                                     name='train_step')
+      state, metrics = compiled_step(state, batch, text_table, base_rng)
       step += 1
       steps_this_run += 1
       pending.append(metrics)
