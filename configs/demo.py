@@ -47,5 +47,6 @@ def get_config():
   c.train.ema_tau = 200.0
   c.optim.warmup_epochs = 1.0
   c.eval.batch_size = 16
+  c.eval.query_slots = 48                # the synthetic data has about 3 queries per image
   c.demo.num_images = 1500
   return c

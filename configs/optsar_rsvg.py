@@ -162,8 +162,9 @@ def get_config():
   # ----------------------------------------------------------------------------------------- eval
   c.eval = ml_collections.ConfigDict()
   c.eval.split = 'test'
-  c.eval.batch_size = 8                  # items (an image + up to max_queries of its queries) per DEVICE per step
-  c.eval.max_queries = 8                 # query slots per image in one eval step (more -> extra passes)
+  c.eval.batch_size = 8                  # image slots per DEVICE per eval step
+  c.eval.query_slots = 16                # query slots per DEVICE per eval step (OptSAR-RSVG: 1.93 per image)
+  c.eval.max_queries_per_image = 0       # 0: all queries of an image share its backbone pass; 1: one pass each
   c.eval.conf_threshold = 1e-4           # top-1 score below this = no prediction
   c.eval.use_ema = True
 

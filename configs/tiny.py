@@ -45,6 +45,6 @@ def get_config():
   c.optim.warmup_epochs = 0.0
   c.optim.warmup_min_steps = 2
   c.eval.batch_size = 4
-  c.eval.max_queries = 4
+  c.eval.query_slots = 12                # the synthetic data has about 3 queries per image
   c.demo.num_images = 24
   return c

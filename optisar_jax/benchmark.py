@@ -53,17 +53,24 @@ def time_calls(fn: Callable[[], Any], *, warmup: int, repeats: int) -> list[floa
   return times
 
 
-def time_alternating(ours: Callable[[], Any], peer: Callable[[], Any], *, warmup: int, repeats: int
-                     ) -> tuple[list[float], list[float]]:
-  """Times `ours` and `peer` in alternation (ours, peer, ours, ...), after warming up both."""
+def time_alternating(ours: Callable[[], Any], peer: Callable[[], Any], *, warmup: int, repeats: int,
+                     pause_s: float = 0.5) -> tuple[list[float], list[float]]:
+  """Times `ours` and `peer` in alternation (ours, peer, ours, ...), after warming up both.
+
+  Each timed call starts after `pause_s` of idleness: a runtime's worker threads keep spinning for a
+  while after their work is done (OpenMP's block time is ~200 ms), and without the pause they take cores
+  from the call that follows.
+  """
   for _ in range(warmup):
     jax.block_until_ready(ours())
     peer()
   ours_times, peer_times = [], []
   for _ in range(repeats):
+    time.sleep(pause_s)
     start = time.perf_counter()
     jax.block_until_ready(ours())
     ours_times.append(time.perf_counter() - start)
+    time.sleep(pause_s)
     start = time.perf_counter()
     peer()
     peer_times.append(time.perf_counter() - start)
@@ -112,9 +119,7 @@ def bench_forward(config, config_name: str, batch: int, imgsz: int, *, warmup: i
                   against: str | None = None, threads: int | None = None) -> dict[str, Any]:
   """Eval-mode forward (backbone + neck + head, one query per image, decoded top-1 box)."""
   import jax.numpy as jnp
-  from flax import nnx
   from optisar_jax import evaluation
-  from optisar_jax.train import step as step_lib
   config.data.imgsz = imgsz
   graphdef, params, rest = _fresh_weights(config)
   predict = jax.jit(evaluation.make_predict_fn(config, graphdef))
@@ -123,7 +128,6 @@ def bench_forward(config, config_name: str, batch: int, imgsz: int, *, warmup: i
   queries = queries / jnp.linalg.norm(queries, axis=-1, keepdims=True)
   compiled = predict.lower(params, rest, images, queries).compile()
   gflops = cost_gflops(compiled)
-  del step_lib, nnx
   ours = lambda: compiled(params, rest, images, queries)
   if against:
     peer = _peer(against, config, batch, imgsz, 'forward', threads)
@@ -221,13 +225,17 @@ def _synthetic_source(config, num_images: int, split: str):
 
 def bench_evaluate(config, config_name: str, batch: int, imgsz: int, *, warmup: int, repeats: int,
                    num_images: int = 60, source=None, **unused) -> dict[str, Any]:
-  """Evaluation throughput (queries/s) on a synthetic test split: query-batched vs one query per forward."""
+  """Evaluation throughput (queries/s) on a synthetic test split: packed queries (the config's
+  `eval.batch_size` images and `eval.query_slots` queries per device step, `batch` overriding the images
+  and scaling the query slots) vs one forward per query with the same image slots."""
   import ml_collections
   from optisar_jax import evaluation
   from optisar_jax.data import pipeline
   from optisar_jax.train import texts as texts_lib
   del unused
   config.data.imgsz = imgsz
+  if batch != int(config.eval.batch_size):
+    config.eval.query_slots = max(1, round(int(config.eval.query_slots) * batch / int(config.eval.batch_size)))
   config.eval.batch_size = batch
   if source is None:
     source = _synthetic_source(config, num_images, 'test')
@@ -244,9 +252,13 @@ def bench_evaluate(config, config_name: str, batch: int, imgsz: int, *, warmup: 
       return v / np.linalg.norm(v, axis=-1, keepdims=True)
 
   results = {}
-  for label, max_queries in (('batched', int(config.eval.max_queries)), ('per_query', 1)):
+  # 'batched': the config's packing (queries share their image's backbone and neck context);
+  # 'per_query': the same image slots, each carrying one query (one full forward per query).
+  for label in ('batched', 'per_query'):
     cfg = ml_collections.ConfigDict(config.to_dict())
-    cfg.eval.max_queries = max_queries
+    if label == 'per_query':
+      cfg.eval.max_queries_per_image = 1
+      cfg.eval.query_slots = batch
     grounder = evaluation.Grounder(cfg, params, rest, texts_lib.RunTexts(vocabulary=None, table=None))
     grounder.embedder = _Texts()
     run = lambda: grounder.run(examples, category_names=names, progress=False)

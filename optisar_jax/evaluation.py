@@ -1,13 +1,19 @@
-"""Grounding evaluation and inference: the backbone once per image, all of its queries together.
+"""Grounding evaluation and inference: the image-side work once per image, shared by all of its queries.
 
-For every image of a split: letterbox to `data.imgsz`, run `encode_image` once, ground each of its
-queries on its own (`ground_queries`, equal to one forward per query), take the top-1 anchor, undo the
-letterbox, and score with the paper's metrics (Pr@0.5..0.9, meanIoU, cumIoU; all / optical / SAR).
+For every image of a split: letterbox to `data.imgsz`, run `encode_image` and the text-independent part
+of the neck (`image_context`) once, ground each of its queries on its own (equal to one forward per
+query), take the top-1 anchor, undo the letterbox, and score with the paper's metrics (Pr@0.5..0.9,
+meanIoU, cumIoU; all / optical / SAR).
 
-Determinism: images are packed into fixed (image, up-to-Q-queries) items in source order; every device
-always runs the same per-device program (`eval.batch_size` items per device), and each item's result does
-not depend on the items beside it, so the metrics are bitwise identical for any number of devices or
-processes. Every process reads the whole split and holds all predictions; process 0 writes files.
+Packing (`pack_queries`): an eval step gives every device a block of `eval.batch_size` image slots and
+`eval.query_slots` query slots; each query slot names the image slot (of its own block) whose context it
+reads, so compute follows the number of queries and not a fixed number of query slots per image. An image
+with more queries than fit takes an image slot in the next block as well.
+
+Determinism: blocks are filled in source order independently of the device count; every device always
+runs the same per-device program, and a query's result does not depend on the other rows of its block,
+so the metrics are bitwise identical for any number of devices or processes. Every process reads the
+whole split and holds all predictions; process 0 writes files.
 """
 
 from __future__ import annotations
@@ -38,11 +44,23 @@ from optisar_jax.train import texts as texts_lib
 TEXT_CHUNK = 64  # rows per text-tower call: fixed, so a string's vector never depends on its neighbours
 
 
+def _decode_top1(out: dict, points: jax.Array, strides: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(boxes (...,4) xyxy canvas pixels, scores (...)) of the top-1 anchor of `ground_*` outputs whose
+  region-text logits are (..., A) and box logits (..., A, 4 reg_max)."""
+  logits = out['region_text_logits']
+  best = jnp.argmax(logits, axis=-1)                                   # first index on ties
+  score = jax.nn.sigmoid(jnp.take_along_axis(logits, best[..., None], axis=-1)[..., 0])
+  best_logits = jnp.take_along_axis(out['box_logits'], best[..., None, None], axis=-2)[..., 0, :]
+  boxes = box_ops.decode_boxes(best_logits, points[best], strides[best])
+  return boxes.astype(jnp.float32), score.astype(jnp.float32)
+
+
 def make_predict_fn(config: ml_collections.ConfigDict, eval_graphdef):
   """`predict(params, rest, images uint8 (N,S,S,3), queries (N,Q,D)) -> (boxes (N,Q,4), scores (N,Q))`.
 
-  Boxes are xyxy pixels of the letterboxed canvas; scores are sigmoid match probabilities of the top-1
-  anchor of each query. Only the winning anchor's box is decoded.
+  Every image with Q queries of its own (the export's and the forward benchmark's form). Boxes are xyxy
+  pixels of the letterboxed canvas; scores are sigmoid match probabilities of the top-1 anchor of each
+  query. Only the winning anchor's box is decoded.
   """
   points, strides = step_lib.anchors_for(config)
 
@@ -51,14 +69,77 @@ def make_predict_fn(config: ml_collections.ConfigDict, eval_graphdef):
     detector = model.detector
     features = detector.encode_image(images.astype(jnp.float32) / 255.0)
     out = detector.ground_queries(features, queries)
-    logits = out['region_text_logits']                                   # (N,Q,A)
-    best = jnp.argmax(logits, axis=-1)                                   # first index on ties
-    score = jax.nn.sigmoid(jnp.take_along_axis(logits, best[..., None], axis=-1)[..., 0])
-    best_logits = jnp.take_along_axis(out['box_logits'], best[..., None, None], axis=-2)[..., 0, :]  # (N,Q,4R)
-    boxes = box_ops.decode_boxes(best_logits, points[best], strides[best])                          # (N,Q,4)
-    return boxes.astype(jnp.float32), score.astype(jnp.float32)
+    out = {'region_text_logits': out['region_text_logits'], 'box_logits': out['box_logits']}
+    return _decode_top1(out, points, strides)
 
   return predict
+
+
+def make_packed_predict_fn(config: ml_collections.ConfigDict, eval_graphdef, blocks: int):
+  """`predict(params, rest, images uint8 (G*n,S,S,3), queries (G*m,D), owner int32 (G*m,))
+  -> (boxes (G*m,4), scores (G*m,))` for G = `blocks` blocks of n image slots and m query slots.
+
+  Query j of block g reads the image context of image slot owner[g*m + j] (0..n-1) of the same block, so
+  when the leading axes are split over G devices the gather stays on each device.
+  """
+  points, strides = step_lib.anchors_for(config)
+
+  def predict(params, rest, images, queries, owner):
+    model = nnx.merge(eval_graphdef, params, rest, copy=True)
+    detector = model.detector
+    n, m = images.shape[0] // blocks, queries.shape[0] // blocks
+    context = detector.image_context(detector.encode_image(images.astype(jnp.float32) / 255.0))
+    owner = owner.reshape(blocks, m)
+
+    def gather(a):
+      if a.ndim == 0:
+        return a
+      per_block = a.reshape(blocks, n, *a.shape[1:])
+      return jax.vmap(lambda x, o: x[o])(per_block, owner).reshape(blocks * m, *a.shape[1:])
+
+    out = detector.ground_context(jax.tree.map(gather, context), queries[:, None, :])
+    out = {'region_text_logits': out['region_text_logits'][..., 0], 'box_logits': out['box_logits']}
+    return _decode_top1(out, points, strides)
+
+  return predict
+
+
+@dataclasses.dataclass(frozen=True)
+class Block:
+  """One device's share of an eval step: `images` = example index of each image slot; `queries` =
+  (image slot, example index, query index) of each query slot."""
+  images: tuple[int, ...]
+  queries: tuple[tuple[int, int, int], ...]
+
+
+def pack_queries(counts: Sequence[int], image_slots: int, query_slots: int,
+                 max_queries_per_image: int = 0) -> list[Block]:
+  """Packs the queries of examples with `counts[i]` queries each into blocks, in order.
+
+  A block takes images while it has a free image slot and a free query slot; an image gets as many of its
+  remaining queries as fit (at most `max_queries_per_image` when > 0; 1 reproduces one forward per
+  query) and continues in the next block otherwise. Examples without queries take no slot.
+  """
+  if image_slots < 1 or query_slots < 1:
+    raise ValueError(f'eval.batch_size={image_slots} and eval.query_slots={query_slots} must be >= 1')
+  per_image = query_slots if max_queries_per_image <= 0 else min(query_slots, max_queries_per_image)
+  blocks: list[Block] = []
+  images: list[int] = []
+  queries: list[tuple[int, int, int]] = []
+  for example, count in enumerate(counts):
+    done = 0
+    while done < count:
+      if len(images) == image_slots or len(queries) == query_slots:
+        blocks.append(Block(tuple(images), tuple(queries)))
+        images, queries = [], []
+      slot = len(images)
+      images.append(example)
+      take = min(count - done, query_slots - len(queries), per_image)
+      queries.extend((slot, example, done + k) for k in range(take))
+      done += take
+  if images:
+    blocks.append(Block(tuple(images), tuple(queries)))
+  return blocks
 
 
 @dataclasses.dataclass
@@ -90,9 +171,9 @@ class Grounder:
     if eval_graphdef is None:
       _, eval_graphdef = step_lib.graphdefs(config)
     self._graphdef = eval_graphdef
-    self._predict = jax.jit(make_predict_fn(config, eval_graphdef),
+    self._predict = jax.jit(make_packed_predict_fn(config, eval_graphdef, self.mesh.size),
                             in_shardings=(self.replicated, self.replicated, self.batch_sharding,
-                                          self.batch_sharding),
+                                          self.batch_sharding, self.batch_sharding),
                             out_shardings=(self.replicated, self.replicated))
     self._compiled_predict = None
     self._tower = None
@@ -123,20 +204,22 @@ class Grounder:
 
   # ---------------------------------------------------------------------------------------- images
   @property
-  def items_per_step(self) -> int:
-    return int(self.config.eval.batch_size) * self.mesh.size
+  def blocks_per_step(self) -> int:
+    return self.mesh.size
 
-  def predict_items(self, images: np.ndarray, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """images uint8 (N,S,S,3), queries (N,Q,D) -> canvas boxes (N,Q,4), scores (N,Q); N = items_per_step."""
+  def predict_packed(self, images: np.ndarray, queries: np.ndarray, owner: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """One packed step (see `make_packed_predict_fn`): images uint8 (G*n,S,S,3), queries (G*m,D), owner
+    (G*m,) -> canvas boxes (G*m,4), scores (G*m,); G = blocks_per_step, n = eval.batch_size, m =
+    eval.query_slots."""
     def place(array):
       array = np.ascontiguousarray(array)
       return jax.make_array_from_callback(array.shape, self.batch_sharding, lambda index: array[index])
 
-    images, queries = place(images), place(queries)
+    args = (self.params, self.rest, place(images), place(queries), place(owner.astype(np.int32)))
     if self._compiled_predict is None:
-      self._compiled_predict = distributed.compile_together(self._predict, self.params, self.rest, images,
-                                                            queries, name='predict')
-    boxes, scores = self._compiled_predict(self.params, self.rest, images, queries)
+      self._compiled_predict = distributed.compile_together(self._predict, *args, name='predict')
+    boxes, scores = self._compiled_predict(*args)
     return np.asarray(jax.device_get(boxes)), np.asarray(jax.device_get(scores))
 
   def ground(self, image: np.ndarray, queries: Sequence[str]) -> list[tuple[np.ndarray | None, float]]:
@@ -156,50 +239,54 @@ class Grounder:
     """Grounds every query of every example (dicts of `pipeline.make_eval_examples`)."""
     examples = list(examples)
     vectors = self.embed_queries([c for ex in examples for c in ex['captions']])
-    q_max = int(self.config.eval.max_queries)
-    items = [(i, start) for i, ex in enumerate(examples)
-             for start in range(0, len(ex['captions']), q_max)]
+    n, m = int(self.config.eval.batch_size), int(self.config.eval.query_slots)
+    blocks = pack_queries([len(ex['captions']) for ex in examples], n, m,
+                          int(self.config.eval.max_queries_per_image))
+    g = self.blocks_per_step
     size = int(self.config.data.imgsz)
     dim = int(self.config.text.dim)
-    step_items = self.items_per_step
     conf = float(self.config.eval.conf_threshold)
-    results: list[QueryResult] = []
+    answers: dict[tuple[int, int], tuple[np.ndarray, float]] = {}
     start_time = time.perf_counter()
     done_queries = 0
     total_queries = sum(len(ex['captions']) for ex in examples)
-    for first in range(0, len(items), step_items):
-      chunk = items[first:first + step_items]
-      images = np.zeros((step_items, size, size, 3), np.uint8)
-      queries = np.zeros((step_items, q_max, dim), np.float32)
-      for row, (i, start) in enumerate(chunk):
-        images[row] = examples[i]['image']
-        for col, caption in enumerate(examples[i]['captions'][start:start + q_max]):
-          queries[row, col] = vectors[caption.strip()]
-      boxes, scores = self.predict_items(images, queries)
-      for row, (i, start) in enumerate(chunk):
-        ex = examples[i]
-        lb = ex['letterbox']
-        h, w = ex['orig_size']
-        for col in range(min(q_max, len(ex['captions']) - start)):
-          q = start + col
-          score = float(scores[row, col])
-          box = None
-          if score > conf:
-            box = np.asarray(boxes[row, col], np.float64)
-            box = (box - np.array([lb.left, lb.top, lb.left, lb.top])) / lb.ratio
-            box = np.clip(box, 0.0, np.array([w, h, w, h], np.float64))
-          results.append(QueryResult(
-              query_id=int(ex['query_ids'][q]), caption=ex['captions'][q], box=box, score=score,
-              gt_box=np.asarray(ex['gt_boxes'][q], np.float64),
-              category=str(category_names[int(ex['category_ids'][q])]), image_index=i))
-        done_queries += min(q_max, len(ex['captions']) - start)
+    for first in range(0, len(blocks), g):
+      step_blocks = blocks[first:first + g]
+      images = np.zeros((g * n, size, size, 3), np.uint8)
+      queries = np.zeros((g * m, dim), np.float32)
+      owner = np.zeros((g * m,), np.int32)
+      for b, block in enumerate(step_blocks):
+        for slot, i in enumerate(block.images):
+          images[b * n + slot] = examples[i]['image']
+        for j, (slot, i, q) in enumerate(block.queries):
+          queries[b * m + j] = vectors[examples[i]['captions'][q].strip()]
+          owner[b * m + j] = slot
+      boxes, scores = self.predict_packed(images, queries, owner)
+      for b, block in enumerate(step_blocks):
+        for j, (_, i, q) in enumerate(block.queries):
+          answers[(i, q)] = (boxes[b * m + j], float(scores[b * m + j]))
+        done_queries += len(block.queries)
       if progress and jax.process_index() == 0:
         elapsed = time.perf_counter() - start_time
         sys.stdout.write(f'\reval {done_queries}/{total_queries} queries  '
                          f'{done_queries / max(elapsed, 1e-9):.1f} queries/s')
         sys.stdout.flush()
-    if progress and jax.process_index() == 0 and items:
+    if progress and jax.process_index() == 0 and blocks:
       sys.stdout.write('\n')
+    results: list[QueryResult] = []
+    for i, ex in enumerate(examples):
+      lb = ex['letterbox']
+      h, w = ex['orig_size']
+      for q, caption in enumerate(ex['captions']):
+        canvas_box, score = answers[(i, q)]
+        box = None
+        if score > conf:
+          box = (np.asarray(canvas_box, np.float64) - np.array([lb.left, lb.top, lb.left, lb.top])) / lb.ratio
+          box = np.clip(box, 0.0, np.array([w, h, w, h], np.float64))
+        results.append(QueryResult(
+            query_id=int(ex['query_ids'][q]), caption=caption, box=box, score=score,
+            gt_box=np.asarray(ex['gt_boxes'][q], np.float64),
+            category=str(category_names[int(ex['category_ids'][q])]), image_index=i))
     return results
 
 

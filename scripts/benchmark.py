@@ -28,6 +28,8 @@ def main() -> int:
   parser.add_argument('--warmup', type=int, default=2)
   parser.add_argument('--repeats', type=int, default=5)
   parser.add_argument('--against', choices=['ultralytics'], default=None, help='time the PyTorch peer too')
+  parser.add_argument('--num_images', type=int, default=None,
+                      help='evaluate/input: images of the synthetic dataset generated for the measurement')
   parser.add_argument('--threads', type=int, default=None, help='peer torch threads (default: all cores)')
   args, config = cli.parse_with_config(parser)
   from optisar_jax import benchmark
@@ -39,6 +41,10 @@ def main() -> int:
     kwargs.update(against=args.against, threads=args.threads)
   elif args.against:
     raise ValueError(f'--against: not available for --what {args.what}')
+  if args.num_images is not None:
+    if args.what not in ('evaluate', 'input'):
+      raise ValueError(f'--num_images: not available for --what {args.what}')
+    kwargs['num_images'] = args.num_images
   result = benchmark.BENCHMARKS[args.what](config, os.path.basename(args.config), batch, imgsz, **kwargs)
   print(json.dumps(result), flush=True)
   return 0

@@ -28,6 +28,13 @@ def _grounder(workdir, config, devices, **overrides):
                              eval_graphdef=graphdef)
 
 
+def _dense_predict(grounder, images, queries):
+  """The export's form of predict (every image with its own Q query rows), in process."""
+  predict = jax.jit(evaluation.make_predict_fn(grounder.config, grounder._graphdef))
+  boxes, scores = predict(grounder.params, grounder.rest, images, queries)
+  return np.asarray(boxes), np.asarray(scores)
+
+
 @pytest.fixture(scope='module')
 def test_split(trained_tiny):
   workdir, config = trained_tiny
@@ -52,7 +59,7 @@ def test_metrics_bitwise_identical_for_1_4_and_8_devices(trained_tiny, test_spli
 def test_batched_queries_equal_one_query_per_forward(trained_tiny, test_split):
   workdir, config = trained_tiny
   _, batched, examples = test_split
-  single = _grounder(workdir, config, jax.devices()[:1], eval__max_queries=1)
+  single = _grounder(workdir, config, jax.devices()[:1], eval__max_queries_per_image=1)
   names = [r.category for r in batched]
   del names
   from optisar_jax.train.loop import open_source
@@ -62,6 +69,40 @@ def test_batched_queries_equal_one_query_per_forward(trained_tiny, test_split):
   for a, b in zip(batched, one_by_one):
     assert a.score == pytest.approx(b.score, rel=1e-4, abs=1e-6)
     np.testing.assert_allclose(a.box, b.box, atol=1e-2)
+
+
+def test_pack_queries_fills_image_and_query_slots_in_order():
+  # examples with 3, 0, 1, 5 queries; blocks of 2 image slots and 4 query slots
+  blocks = evaluation.pack_queries([3, 0, 1, 5], 2, 4)
+  assert blocks == [
+      evaluation.Block((0, 2), ((0, 0, 0), (0, 0, 1), (0, 0, 2), (1, 2, 0))),
+      evaluation.Block((3,), ((0, 3, 0), (0, 3, 1), (0, 3, 2), (0, 3, 3))),
+      evaluation.Block((3,), ((0, 3, 4),)),
+  ]
+  # one query per image slot: the backbone runs once per query
+  blocks = evaluation.pack_queries([3, 1], 2, 2, max_queries_per_image=1)
+  assert [b.images for b in blocks] == [(0, 0), (0, 1)]
+  assert [b.queries for b in blocks] == [((0, 0, 0), (1, 0, 1)), ((0, 0, 2), (1, 1, 0))]
+  with pytest.raises(ValueError, match='eval.query_slots=0'):
+    evaluation.pack_queries([1], 2, 0)
+
+
+def test_packed_predict_equals_one_forward_per_image(trained_tiny, loaded_grounder):
+  """Packed rows that read a shared image context equal the dense per-image forward."""
+  config = trained_tiny[1]
+  grounder = loaded_grounder
+  n, m = config.eval.batch_size, config.eval.query_slots
+  g = grounder.blocks_per_step
+  rng = np.random.default_rng(5)
+  images = rng.integers(0, 255, (g * n, config.data.imgsz, config.data.imgsz, 3), np.uint8)
+  queries = grounder.embedder(['the ship in the upper left', 'the largest vehicle', 'the bridge'])
+  owner = rng.integers(0, n, (g * m,)).astype(np.int32)
+  choice = rng.integers(0, 3, (g * m,))
+  boxes, scores = grounder.predict_packed(images, queries[choice], owner)
+  dense_boxes, dense_scores = _dense_predict(grounder, images, np.broadcast_to(queries, (g * n, 3, queries.shape[-1])))
+  image_of_row = np.arange(g * m) // m * n + owner
+  np.testing.assert_allclose(scores, dense_scores[image_of_row, choice], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(boxes, dense_boxes[image_of_row, choice], rtol=1e-5, atol=1e-3)
 
 
 def test_predictions_file_scores_like_the_evaluator(trained_tiny, test_split, synthetic_tfds, tmp_path):
@@ -84,13 +125,13 @@ def test_export_gives_the_in_process_outputs(trained_tiny, tmp_path):
   exported = export.load_export(path)
   grounder = _grounder(workdir, config, jax.devices()[:1])
   rng = np.random.default_rng(0)
-  images = rng.integers(0, 255, (grounder.items_per_step, config.data.imgsz, config.data.imgsz, 3), np.uint8)
+  images = rng.integers(0, 255, (4, config.data.imgsz, config.data.imgsz, 3), np.uint8)
   vectors = grounder.embedder(['the ship in the upper left', 'the largest vehicle', 'the bridge'])
   queries = np.broadcast_to(vectors[None, :, :], (images.shape[0],) + vectors.shape).copy()
-  boxes, scores = grounder.predict_items(images, np.pad(queries, ((0, 0), (0, 1), (0, 0)))[:, :config.eval.max_queries])
+  boxes, scores = _dense_predict(grounder, images, queries)
   e_boxes, e_scores = exported.predict(images, queries)
-  np.testing.assert_allclose(e_boxes, boxes[:, :3], rtol=1e-5, atol=1e-3)
-  np.testing.assert_allclose(e_scores, scores[:, :3], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(e_boxes, boxes, rtol=1e-5, atol=1e-3)
+  np.testing.assert_allclose(e_scores, scores, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(exported.embed(['the bridge']), vectors[2:3], atol=1e-6)
   with pytest.raises(FileExistsError):
     export.write_export(workdir, path)
@@ -124,10 +165,7 @@ def test_infer_maps_the_box_back_to_the_original_image(trained_tiny, loaded_grou
   # The same query through the batched path, mapped back by hand.
   canvas, lb = augment.letterbox(image, config.data.imgsz, config.data.pad_value)
   vectors = grounder.embedder(['the ship in the upper left'])
-  images = np.zeros((grounder.items_per_step, config.data.imgsz, config.data.imgsz, 3), np.uint8)
-  queries = np.zeros((grounder.items_per_step, config.eval.max_queries, config.text.dim), np.float32)
-  images[0], queries[0, 0] = canvas, vectors[0]
-  boxes, scores = grounder.predict_items(images, queries)
+  boxes, scores = _dense_predict(grounder, canvas[None], vectors[None, :1])
   expected = np.clip((boxes[0, 0] - [lb.left, lb.top, lb.left, lb.top]) / lb.ratio, 0, [w, h, w, h])
   assert answer['score'] == pytest.approx(float(scores[0, 0]), rel=1e-5)
   assert answer['bbox'] is not None

@@ -4,6 +4,9 @@
                                               + the PL-MoE balance loss
   ImageFeatures, text (B,K,D) --ground--> neck (layers 11-22, TGDF-SSA at 16/19/22) + head (layer 23)
 
+  ground = ground_context(image_context(features), text): layer 13 and the text-independent tensors of
+  layer 16 (ImageContext) are computed once per image; evaluation shares them between the queries.
+
 Layers follow the reference yaml (`optisar-net-plusplus-66m.yaml`); `model.scale` picks [depth, width,
 max_channels] from `model.scales`: c2 = ceil8(min(c2_yaml, max_channels) * width), repeats
 n' = max(round(n * depth), 1) if n > 1 (Python's round-half-even), c3k forced on for scales m/l/x.
@@ -55,6 +58,20 @@ class ImageFeatures:
 
   def __getitem__(self, i):
     return self.maps[i]
+
+
+@struct.dataclass
+class ImageContext:
+  """What every query of an image shares (`OptiSARNet.image_context`): the neck's text-independent part.
+
+  x13 (B,H4,W4,c13): layer 13; p5 (B,H5,W5,c10): backbone P5 (concatenated at layer 21); l16: the
+  text-independent tensors of TGDF-SSA layer 16 (`TGDFSSA.visual`) on the stride-8 map; moe_aux_loss ().
+  Every leaf has the batch on axis 0, so contexts can be repeated or gathered per query with tree_map.
+  """
+  x13: jax.Array
+  p5: jax.Array
+  l16: tuple[jax.Array, ...]
+  moe_aux_loss: jax.Array
 
 
 class ParamFreeLayer(nnx.Module):
@@ -158,6 +175,36 @@ class OptiSARNet(nnx.Module):
     p5 = L[10](L[9](x))
     return ImageFeatures((p3, p4, p5), moe_aux)
 
+  def image_context(self, features: ImageFeatures | Sequence[jax.Array], *,
+                    rngs: nnx.Rngs | None = None) -> ImageContext:
+    """The part of the neck that does not see the text (layer 13 and most of layer 16), from
+    `encode_image`'s features (a plain tuple of 3 maps counts as zero MoE loss)."""
+    p3, p4, p5 = tuple(features)
+    moe_aux = (features.moe_aux_loss if isinstance(features, ImageFeatures)
+               else jnp.zeros((), jnp.float32))
+    L = self.layers
+    x13 = L[13](jnp.concatenate([upsample2x(p5), p4], axis=-1))
+    l16 = L[16].visual(jnp.concatenate([upsample2x(x13), p3], axis=-1), rngs=rngs)
+    return ImageContext(x13=x13, p5=p5, l16=l16, moe_aux_loss=moe_aux)
+
+  def ground_context(self, context: ImageContext, text_embeddings: jax.Array, *,
+                     rngs: nnx.Rngs | None = None) -> dict:
+    """The text-dependent rest of the neck and the head: `ground` = `ground_context(image_context(.))`.
+
+    context rows and text rows correspond (B of each, or text with 1 row for all); returns as `ground`.
+    """
+    L = self.layers
+    text = jnp.asarray(text_embeddings, jnp.float32)
+    prompts = L[23].refine_text(text)
+    training = not self.deterministic
+    neck_text = text if (training or self.neck_text == 'raw') else prompts
+    x16 = L[16].fuse(context.l16, neck_text)
+    x19 = L[19](jnp.concatenate([L[17](x16), context.x13], axis=-1), neck_text, rngs=rngs)
+    x22 = L[22](jnp.concatenate([L[20](x19), context.p5], axis=-1), neck_text, rngs=rngs)
+    box_logits, region_text_logits, region_logits = L[23]((x16, x19, x22), prompts)
+    return {'box_logits': box_logits, 'region_text_logits': region_text_logits,
+            'region_logits': region_logits, 'moe_aux_loss': context.moe_aux_loss}
+
   def ground(self, features: ImageFeatures | Sequence[jax.Array], text_embeddings: jax.Array, *,
              rngs: nnx.Rngs | None = None) -> dict:
     """Neck + head. features from `encode_image` (a plain tuple of 3 maps counts as zero MoE loss);
@@ -166,36 +213,22 @@ class OptiSARNet(nnx.Module):
     Returns {'box_logits': (B,A,4 reg_max), 'region_text_logits': (B,A,K) float32,
              'region_logits': ((B,H3,W3,r3^2), (B,H4,W4,r4^2), (B,H5,W5,r5^2)), 'moe_aux_loss': ()}.
     """
-    p3, p4, p5 = tuple(features)
-    moe_aux = (features.moe_aux_loss if isinstance(features, ImageFeatures)
-               else jnp.zeros((), jnp.float32))
-    L = self.layers
-    text = jnp.asarray(text_embeddings, jnp.float32)
-    prompts = L[23].refine_text(text)
-    training = not self.deterministic
-    neck_text = text if (training or self.neck_text == 'raw') else prompts
-    x13 = L[13](jnp.concatenate([upsample2x(p5), p4], axis=-1))
-    x16 = L[16](jnp.concatenate([upsample2x(x13), p3], axis=-1), neck_text, rngs=rngs)
-    x19 = L[19](jnp.concatenate([L[17](x16), x13], axis=-1), neck_text, rngs=rngs)
-    x22 = L[22](jnp.concatenate([L[20](x19), p5], axis=-1), neck_text, rngs=rngs)
-    box_logits, region_text_logits, region_logits = L[23]((x16, x19, x22), prompts)
-    return {'box_logits': box_logits, 'region_text_logits': region_text_logits,
-            'region_logits': region_logits, 'moe_aux_loss': moe_aux}
+    return self.ground_context(self.image_context(features, rngs=rngs), text_embeddings, rngs=rngs)
 
   def ground_queries(self, features: ImageFeatures | Sequence[jax.Array], query_embeddings: jax.Array, *,
                      rngs: nnx.Rngs | None = None) -> dict:
-    """Grounds every query on its own (= Q separate `ground` calls with K = 1) with the backbone run once:
-    the Q queries are folded into the batch. query_embeddings (B,Q,D).
+    """Grounds every query on its own (= Q separate `ground` calls with K = 1) with the backbone and the
+    text-independent part of the neck (`image_context`) run once per image: the Q queries are folded into
+    the batch after that. query_embeddings (B,Q,D).
 
     Returns query-major outputs: {'box_logits': (B,Q,A,4 reg_max), 'region_text_logits': (B,Q,A),
     'region_logits': tuple of (B,Q,H_i,W_i,r_i^2), 'moe_aux_loss': ()}. Exact in eval mode; in train mode
     BatchNorm would pool its batch statistics over the B*Q copies.
     """
     b, q, d = query_embeddings.shape
-    maps = tuple(jnp.repeat(m, q, axis=0) for m in features)
-    moe_aux = (features.moe_aux_loss if isinstance(features, ImageFeatures)
-               else jnp.zeros((), jnp.float32))
-    out = self.ground(ImageFeatures(maps, moe_aux), query_embeddings.reshape(b * q, 1, d), rngs=rngs)
+    context = jax.tree.map(lambda a: jnp.repeat(a, q, axis=0) if a.ndim else a,
+                           self.image_context(features, rngs=rngs))
+    out = self.ground_context(context, query_embeddings.reshape(b * q, 1, d), rngs=rngs)
     return {'box_logits': out['box_logits'].reshape(b, q, *out['box_logits'].shape[1:]),
             'region_text_logits': out['region_text_logits'].reshape(b, q, -1),
             'region_logits': tuple(r.reshape(b, q, *r.shape[1:]) for r in out['region_logits']),

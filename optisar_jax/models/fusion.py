@@ -8,6 +8,10 @@ guide T (1 or B, K, D):
   y_att = GatedMaxSigmoidAttn(y_last, T)          text-guided, per-head dual gates
   out = Conv1x1((3+n)c -> c2)(concat[y0, y1, ..., y_att])
 
+`visual(x)` computes everything up to the text (the CSP branches' share of the output conv, and the
+attention block's projections), `fuse(visual, text)` the rest; `__call__` is `fuse(visual(x), text)`, so
+training and evaluation run the same arithmetic whether or not queries share one image's `visual`.
+
 Gate init (`model.tgdg.gate_init` = (weight_gate, feature_gate)): the reference (0, 0) leaves both gates,
 the guide MLP, the temperature, the bias and the embedding conv without gradient forever; our default
 (1, 0) starts from the same function (out = conv branch) but lets the text guidance learn.
@@ -16,6 +20,7 @@ the guide MLP, the temperature, the bias and the embedding conv without gradient
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -100,20 +105,27 @@ class GatedMaxSigmoidAttn(nnx.Module):
     self.feature_gate = nnx.Param(jnp.full((num_heads,), float(gate_init[1])))
     self.proj_conv = Conv(c, c, 3, act=False, opts=opts, rngs=rngs)
 
-  def __call__(self, x: jax.Array, text: jax.Array) -> jax.Array:
-    b, h, w, c = x.shape
+  def visual(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The text-independent half: (embed (B,H,W,ec) = ec(x) or x, xp (B,H,W,c) = Conv3x3+BN(x))."""
+    embed = self.ec(x) if self.ec is not None else x
+    return embed, self.proj_conv(x)
+
+  def fuse(self, embed: jax.Array, xp: jax.Array, text: jax.Array) -> jax.Array:
+    """The text-dependent half: gates `xp` by the max-sigmoid scores of `embed` against the guide."""
+    b, h, w, c = xp.shape
     guide = self.gl(text)                                                   # (1|B, K, nh, hc)
     guide = jnp.broadcast_to(guide, (b,) + guide.shape[1:])
-    embed = self.ec(x) if self.ec is not None else x
     embed = embed.reshape(b, h, w, self.num_heads, -1).astype(jnp.float32)
     scores = jnp.einsum('bhwmc,bkmc->bhwmk', embed, guide).max(axis=-1)      # max over ALL K prompts
     scores = scores / self.temperature[...] + self.bias[...]
     attn = 1.0 + self.weight_gate[...] * (jax.nn.sigmoid(scores) - 1.0)      # (B,H,W,nh)
-    xp = self.proj_conv(x)
     xp_heads = xp.reshape(b, h, w, self.num_heads, -1)
     xa = xp_heads * attn[..., None].astype(xp.dtype)
     fg = self.feature_gate[...].astype(xp.dtype)[:, None]
     return (xp_heads + fg * (xa - xp_heads)).reshape(b, h, w, c)
+
+  def __call__(self, x: jax.Array, text: jax.Array) -> jax.Array:
+    return self.fuse(*self.visual(x), text)
 
 
 class TGDFSSA(nnx.Module):
@@ -131,10 +143,37 @@ class TGDFSSA(nnx.Module):
         gate_init=tuple(tgdg_config.gate_init), opts=opts, rngs=rngs)
     self.cv2 = Conv((3 + n) * self.c, c2, 1, opts=opts, rngs=rngs)
 
-  def __call__(self, x: jax.Array, text: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
+  def visual(self, x: jax.Array, *, rngs: nnx.Rngs | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Everything that does not see the text, computed once per image when several queries share it
+    (`OptiSARNet.image_context`, evaluation): (partial, embed, xp).
+
+    partial (B,H,W,c2): the output conv's 1x1 kernel applied to the CSP branches y0..y_{n+1} only (the
+    conv is linear in its input channels, so the text branch's share is added in `fuse`); embed and xp:
+    the attention block's two projections of y_{n+1}.
+    """
     y = self.cv1(self.ssa(x, rngs=rngs))
     ys = [y[..., :self.c], y[..., self.c:]]
     for block in self.m:
       ys.append(block(ys[-1]))
-    ys.append(self.attn(ys[-1], text))
-    return self.cv2(jnp.concatenate(ys, axis=-1))
+    kernel, dtype = self._output_kernel()
+    visual_channels = (2 + len(self.m)) * self.c
+    partial = jnp.einsum('...c,cd->...d', jnp.concatenate(ys, axis=-1).astype(dtype),
+                         kernel[:visual_channels])
+    return (partial, *self.attn.visual(ys[-1]))
+
+  def fuse(self, visual: tuple[jax.Array, jax.Array, jax.Array], text: jax.Array) -> jax.Array:
+    """The rest, given `visual(x)`: the text-gated attention branch, its share of the output conv, and
+    the output conv's BatchNorm and SiLU."""
+    partial, embed, xp = visual
+    kernel, dtype = self._output_kernel()
+    y_att = self.attn.fuse(embed, xp, text).astype(dtype)
+    out = partial + jnp.einsum('...c,cd->...d', y_att, kernel[(2 + len(self.m)) * self.c:])
+    return self.cv2.normalize(out)
+
+  def _output_kernel(self) -> tuple[jax.Array, Any]:
+    """The output conv's (1x1) kernel as a ((3+n)c, c2) matrix in the compute dtype."""
+    dtype = self.cv2.conv.dtype or jnp.float32
+    return self.cv2.conv.kernel[...][0, 0].astype(dtype), dtype
+
+  def __call__(self, x: jax.Array, text: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
+    return self.fuse(self.visual(x, rngs=rngs), text)

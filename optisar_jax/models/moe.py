@@ -20,8 +20,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from optisar_jax.models.layers import (Conv, LayerOptions, batch_norm, conv2d, constant_init, linear,
-                                       normal_init, require_rngs, uniform_init)
+from optisar_jax.models.layers import (Conv, LayerOptions, apply_conv, batch_norm, constant_init, conv2d,
+                                       conv_within_patches, linear, normal_init, require_rngs, uniform_init)
+
+# Patches of at most this many pixels convolve as one matmul (`conv_within_patches`); larger ones as a
+# batched convolution. The matmul holds (ph*pw)^2 taps where at most 9*ph*pw exist: 16 pixels (4x4)
+# is still cheaper than XLA's convolution over tiny images.
+MATMUL_PATCH_PIXELS = 16
 
 
 # ---------------------------------------------------------------------------------- patch partition
@@ -135,14 +140,26 @@ class SharedLoRAExperts(nnx.Module):
     self.lora_scale = nnx.Param(jnp.full((1,), lora_scale_init))
 
   def _lora(self, x: jax.Array, gates: jax.Array, a: nnx.Param, b: nnx.Param) -> jax.Array:
-    delta = jnp.einsum('ecr,erd->ecd', a[...], b[...])                 # W_e = A_e B_e  (E, C, C)
-    # One contraction: per-patch mixing of the expert deltas applied to every pixel of the patch.
-    mixed = jnp.einsum('pe,ecd,pxyd->pxyc', gates.astype(x.dtype), delta.astype(x.dtype), x)
-    return x + self.lora_scale[...].astype(x.dtype) * mixed
+    """x + s * M_p x per pixel, M_p = sum_e G[p,e] A_e B_e (C,C), kept low rank: every pixel is projected
+    by each expert's B_e (rank r), scaled by the patch's gates and mapped back by A_e; the (C,C) deltas
+    and their per-patch mixtures are never formed (the same sum in another order)."""
+    dtype = x.dtype
+    low = jnp.einsum('pxyd,erd->pxyer', x, b[...].astype(dtype))            # (P,ph,pw,E,r)
+    low = low * gates.astype(dtype)[:, None, None, :, None]
+    mixed = jnp.einsum('pxyer,ecr->pxyc', low, a[...].astype(dtype))
+    return x + self.lora_scale[...].astype(dtype) * mixed
+
+  def _conv(self, conv: Conv, patches: jax.Array) -> jax.Array:
+    """Conv+BN(+SiLU) of every patch on its own (zero padding at patch borders)."""
+    _, ph, pw, _ = patches.shape
+    if ph * pw <= MATMUL_PATCH_PIXELS:
+      y = conv_within_patches(patches, conv.conv.kernel[...], conv.conv.dtype or patches.dtype)
+      return conv.normalize(y)
+    return conv(patches)
 
   def __call__(self, patches: jax.Array, gates: jax.Array) -> jax.Array:
-    h = self._lora(self.conv1(patches), gates, self.lora1_a, self.lora1_b)
-    return self._lora(self.conv2(h), gates, self.lora2_a, self.lora2_b)
+    h = self._lora(self._conv(self.conv1, patches), gates, self.lora1_a, self.lora1_b)
+    return self._lora(self._conv(self.conv2, h), gates, self.lora2_a, self.lora2_b)
 
 
 class PatchMoE(nnx.Module):
@@ -185,7 +202,7 @@ class DualAdaptiveAttention(nnx.Module):
 
   def __call__(self, u: jax.Array) -> jax.Array:
     ca = nnx.sigmoid(self.fc2(nnx.relu(self.fc1(u.mean(axis=(1, 2))))))          # (B,c)
-    sa = nnx.sigmoid(self.sa_conv2(nnx.relu(self.sa_bn(self.sa_conv1(u)))))       # (B,H,W,1)
+    sa = nnx.sigmoid(apply_conv(self.sa_conv2, nnx.relu(self.sa_bn(apply_conv(self.sa_conv1, u)))))  # (B,H,W,1)
     return u * ca[:, None, None, :] * sa
 
 

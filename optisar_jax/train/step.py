@@ -9,13 +9,15 @@
      'ema': {'params': ..., 'rest': ...}}     EMA of params and BatchNorm statistics (evaluated, exported)
 
 `train_step(state, batch, text_table, rng) -> (state, metrics)` is jitted once with explicit
-in/out shardings and the state donated (see `compile_train_step`). Randomness (SSA dropout, MoE gate noise)
+in/out shardings and the state donated (see `jit_train_step`). Randomness (SSA dropout, MoE gate noise)
 comes from `fold_in(rng, state['step'])`, so a resumed run draws exactly what an uninterrupted one draws.
 
 BatchNorm under sharding: the batch axis is sharded over the mesh's data axes and the model computes the
 mean/variance over the whole (global) batch, so XLA inserts the cross-device reductions: the statistics
 are those of the global batch (SyncBN), the same for any device count. The reference uses per-GPU
 statistics over 8 images; with a global batch of 64 this changes the statistics slightly (deviation).
+There is deliberately no per-device option: it would make the trained weights depend on how many
+devices a run had, and runs here must give the same result on 1 device, 8 devices or 2 hosts (tested).
 """
 
 from __future__ import annotations
