@@ -111,7 +111,8 @@ def test_no_gt_hand_value():
   _, comps = _loss(outputs, batch, _ALL_SLOTS)
   assert float(comps['box']) == 0 and float(comps['dfl']) == 0
   # BCE(0, 0) = log 2 over 8 images x 20 anchors x 2 trained slots, S = 1; region: uniform logits.
-  assert float(comps['cls']) == pytest.approx(0.5 * 8 * 20 * 2 * math.log(2.0), rel=1e-6)
+  # float32 sum of 320 terms: its rounding (~1e-6 relative) depends on XLA's reduction order
+  assert float(comps['cls']) == pytest.approx(0.5 * 8 * 20 * 2 * math.log(2.0), rel=1e-5)
   assert float(comps['region']) == pytest.approx((math.log(16.0) + math.log(4.0)) / 2, rel=1e-6)
 
 

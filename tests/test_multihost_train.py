@@ -20,8 +20,10 @@ def _free_port() -> int:
 
 
 def _env(devices: int) -> dict:
+  flags = [f for f in os.environ.get('XLA_FLAGS', '').split()
+           if not f.startswith('--xla_force_host_platform_device_count')]
   env = dict(os.environ, JAX_PLATFORMS='cpu',
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+             XLA_FLAGS=' '.join(flags + [f'--xla_force_host_platform_device_count={devices}']))
   return env
 
 

@@ -11,7 +11,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _run(*args, timeout=300):
   env = dict(os.environ, JAX_PLATFORMS='cpu')
-  env.pop('XLA_FLAGS', None)
+  flags = [f for f in env.pop('XLA_FLAGS', '').split()        # scripts see the real device count
+           if not f.startswith('--xla_force_host_platform_device_count')]
+  if flags:
+    env['XLA_FLAGS'] = ' '.join(flags)
   return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
                         env=env)
 
