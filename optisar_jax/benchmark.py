@@ -212,10 +212,13 @@ def bench_train_step(config, config_name: str, batch: int, imgsz: int, *, warmup
 
 def _synthetic_source(config, num_images: int, split: str):
   """A TFDS source of a synthetic dataset built in a temporary directory (when --data_dir is not given)."""
+  import atexit
+  import shutil
   import tempfile
   from optisar_jax.data import build_tfds, make_synthetic_dataset
   from optisar_jax.train.loop import open_source
   root = tempfile.mkdtemp(prefix='optisar-bench-')
+  atexit.register(shutil.rmtree, root, ignore_errors=True)   # a measurement's scratch data, not a result
   make_synthetic_dataset(f'{root}/raw', format='optsar', num_images=num_images, seed=0)
   build_tfds('optsar_rsvg', f'{root}/raw', f'{root}/tfds')
   config.data.name = 'optsar_rsvg'

@@ -1,0 +1,30 @@
+"""The timing harness's own arithmetic: FLOP counts, statistics and the alternation order."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from optisar_jax import benchmark
+
+
+def test_cost_gflops_counts_a_matmul():
+  x = jnp.ones((64, 32), jnp.float32)
+  compiled = jax.jit(lambda a, b: a @ b).lower(x, x.T).compile()
+  assert benchmark.cost_gflops(compiled) == pytest.approx(2 * 64 * 32 * 64 / 1e9)
+
+
+def test_summarize_and_alternation_order():
+  stats = benchmark.summarize([3.0, 1.0, 2.0, 10.0])
+  assert stats == {'median_s': 2.5, 'min_s': 1.0, 'max_s': 10.0,
+                   'stdev_s': pytest.approx(3.5355, rel=1e-4), 'repeats': 4}
+  calls = []
+  ours_times, peer_times = benchmark.time_alternating(
+      lambda: calls.append('ours'), lambda: calls.append('peer'), warmup=1, repeats=3, pause_s=0.0)
+  assert calls == ['ours', 'peer'] * 4
+  assert len(ours_times) == len(peer_times) == 3
+
+
+def test_record_reports_the_achieved_rate():
+  out = benchmark.record('forward', 'tiny.py', 1, 64, [0.5, 0.5, 0.5], 2.0, ratio=1.1)
+  assert out['gflops_per_s'] == 4.0 and out['median_s'] == 0.5 and out['ratio'] == 1.1
+  assert out['num_devices'] == jax.device_count()
