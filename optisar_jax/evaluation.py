@@ -68,9 +68,7 @@ def make_predict_fn(config: ml_collections.ConfigDict, eval_graphdef):
     model = nnx.merge(eval_graphdef, params, rest, copy=True)
     detector = model.detector
     features = detector.encode_image(images.astype(jnp.float32) / 255.0)
-    out = detector.ground_queries(features, queries)
-    out = {'region_text_logits': out['region_text_logits'], 'box_logits': out['box_logits']}
-    return _decode_top1(out, points, strides)
+    return _decode_top1(detector.ground_queries(features, queries), points, strides)
 
   return predict
 

@@ -8,7 +8,7 @@ import numpy as np
 from flax import nnx
 
 from optisar_jax.models.blocks import C2PSA, SPPF, C3k2, PSAAttention
-from optisar_jax.models.layers import (Conv, LayerOptions, conv_within_patches, depthwise_conv, max_pool_same,
+from optisar_jax.models.layers import (Conv, LayerOptions, conv2d, conv_within_patches, max_pool_same,
                                        torch_kernel_init)
 
 OPTS = LayerOptions()
@@ -85,25 +85,30 @@ def test_block_counts_match_architecture_table():
   assert n_params(abstract(lambda: C2PSA(512, 512, 1, opts=OPTS, rngs=nnx.Rngs(0)))) == 990_976
 
 
-def test_depthwise_conv_equals_grouped_convolution():
-  conv = Conv(6, 6, 3, groups=6, act=False, opts=OPTS, rngs=nnx.Rngs(0))
-  assert conv.depthwise
-  conv.eval()
+def _lax_conv(x, kernel, groups=1):
+  pad = kernel.shape[0] // 2
+  return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((pad, pad), (pad, pad)),
+                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=groups)
+
+
+def test_conv2d_fast_forms_equal_xla_convolution():
+  """Conv2d's depthwise and 1x1 forms against XLA's convolution, values and kernel gradients."""
   x = normal(2, (2, 7, 5, 6))
-  expected = conv.bn(conv.conv(x))                  # nnx.Conv with feature_group_count=6
-  np.testing.assert_allclose(conv(x), expected, rtol=1e-5, atol=1e-6)
-  grad = jax.grad(lambda k: jnp.sum(jnp.sin(depthwise_conv(x, k, jnp.float32))))(conv.conv.kernel[...])
-  ref = jax.grad(lambda k: jnp.sum(jnp.sin(jax.lax.conv_general_dilated(
-      x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-      feature_group_count=6))))(conv.conv.kernel[...])
-  np.testing.assert_allclose(grad, ref, rtol=1e-4, atol=1e-5)
+  for conv, groups in ((conv2d(6, 6, 3, groups=6, use_bias=True, opts=OPTS, rngs=nnx.Rngs(0)), 6),
+                       (conv2d(6, 4, 1, use_bias=True, opts=OPTS, rngs=nnx.Rngs(1)), 1)):
+    kernel, bias = conv.kernel[...], conv.bias[...]
+    np.testing.assert_allclose(conv(x), _lax_conv(x, kernel, groups) + bias, rtol=1e-5, atol=1e-6)
+    fast = nnx.grad(lambda m: jnp.sum(jnp.sin(m(x))))(conv)['kernel'][...]
+    slow = jax.grad(lambda k: jnp.sum(jnp.sin(_lax_conv(x, k, groups) + bias)))(kernel)
+    np.testing.assert_allclose(fast, slow, rtol=1e-4, atol=1e-5)
+  # strided convs keep XLA's convolution
+  strided = conv2d(6, 6, 3, 2, groups=6, opts=OPTS, rngs=nnx.Rngs(2))
+  np.testing.assert_allclose(strided(x), nnx.Conv.__call__(strided, x), rtol=1e-6)
 
 
 def test_conv_within_patches_equals_zero_padded_convolution_of_each_patch():
   kernel = normal(3, (3, 3, 4, 5))
   for ph, pw in ((2, 2), (1, 3), (4, 4)):
     patches = normal(4, (6, ph, pw, 4))
-    expected = jax.lax.conv_general_dilated(patches, kernel, (1, 1), ((1, 1), (1, 1)),
-                                            dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-    np.testing.assert_allclose(conv_within_patches(patches, kernel, jnp.float32), expected,
+    np.testing.assert_allclose(conv_within_patches(patches, kernel, jnp.float32), _lax_conv(patches, kernel),
                                rtol=1e-5, atol=1e-5)

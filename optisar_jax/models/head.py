@@ -21,8 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from optisar_jax.models.layers import (Conv, LayerOptions, apply_conv, batch_norm, conv2d, constant_init, dw_conv,
-                                       linear)
+from optisar_jax.models.layers import Conv, LayerOptions, batch_norm, conv2d, constant_init, dw_conv, linear
 
 
 def region_grid_size(level: int, num_regions: int) -> int:
@@ -82,7 +81,7 @@ class SpatialGridHead(nnx.Module):
     self.fc2 = conv2d(hidden, grid_size * grid_size, 1, use_bias=True, opts=opts, rngs=rngs)
 
   def __call__(self, e: jax.Array) -> jax.Array:
-    return apply_conv(self.fc2, nnx.relu(apply_conv(self.fc1, e)))
+    return self.fc2(nnx.relu(self.fc1(e)))
 
 
 class BoxBranch(nnx.Module):
@@ -95,7 +94,7 @@ class BoxBranch(nnx.Module):
                        rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return apply_conv(self.pred, self.conv2(self.conv1(x)))
+    return self.pred(self.conv2(self.conv1(x)))
 
 
 class ClassEmbeddingBranch(nnx.Module):
@@ -109,7 +108,7 @@ class ClassEmbeddingBranch(nnx.Module):
     self.pred = conv2d(hidden, embed_dim, 1, use_bias=True, bias_init=constant_init(0.0), opts=opts, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return apply_conv(self.pred, self.pw2(self.dw2(self.pw1(self.dw1(x)))))
+    return self.pred(self.pw2(self.dw2(self.pw1(self.dw1(x)))))
 
 
 class GroundingHead(nnx.Module):

@@ -101,15 +101,15 @@ def layer_norm(channels: int, *, rngs: nnx.Rngs) -> nnx.LayerNorm:
 
 
 def conv2d(c1: int, c2: int, k: int = 1, s: int = 1, *, groups: int = 1, use_bias: bool = False,
-           bias_init: Callable | None = None, opts: LayerOptions, rngs: nnx.Rngs) -> nnx.Conv:
+           bias_init: Callable | None = None, opts: LayerOptions, rngs: nnx.Rngs) -> 'Conv2d':
   """Plain 2-D convolution with PyTorch padding k//2 on both sides (not 'SAME', which pads stride-2
   convolutions asymmetrically) and PyTorch default inits."""
   pad = k // 2
   fan_in = (c1 // groups) * k * k
-  return nnx.Conv(c1, c2, (k, k), (s, s), padding=((pad, pad), (pad, pad)), feature_group_count=groups,
-                  use_bias=use_bias, kernel_init=torch_kernel_init,
-                  bias_init=bias_init if bias_init is not None else torch_bias_init(fan_in),
-                  dtype=opts.dtype, rngs=rngs)
+  return Conv2d(c1, c2, (k, k), (s, s), padding=((pad, pad), (pad, pad)), feature_group_count=groups,
+                use_bias=use_bias, kernel_init=torch_kernel_init,
+                bias_init=bias_init if bias_init is not None else torch_bias_init(fan_in),
+                dtype=opts.dtype, rngs=rngs)
 
 
 def linear(din: int, dout: int, *, use_bias: bool = True, kernel_init: Callable | None = None,
@@ -121,26 +121,37 @@ def linear(din: int, dout: int, *, use_bias: bool = True, kernel_init: Callable 
                     dtype=dtype, rngs=rngs)
 
 
-def _is_pointwise(conv: nnx.Conv) -> bool:
-  def ones(v):
-    return all(int(d) == 1 for d in (v if isinstance(v, (tuple, list)) else (v,)))
-  return (tuple(conv.kernel_size) == (1, 1) and ones(conv.strides) and ones(conv.input_dilation)
-          and conv.feature_group_count == 1 and conv.mask is None)
+class Conv2d(nnx.Conv):
+  """`nnx.Conv` (same parameters, same numbers up to summation order) with two faster forms that XLA's
+  CPU convolution lacks, chosen from the static shape:
 
-
-def apply_conv(conv: nnx.Conv, x: jax.Array) -> jax.Array:
-  """`conv(x)`, with 1x1 stride-1 convolutions computed as a matmul over the channel axis.
-
-  The same numbers up to summation order; XLA's CPU convolution ran 1.2-2.6x slower than the matmul
-  for the 1x1 shapes of scale m (e.g. 80x80x256 -> 128: 7.3 ms vs 2.8 ms).
+  * 1x1, stride 1, ungrouped: a matmul over the channel axis (the convolution ran 1.2-2.6x slower for
+    the 1x1 shapes of scale m, e.g. 80x80x256 -> 128: 7.3 ms vs 2.8 ms);
+  * depthwise (groups = in = out channels), stride 1, padding k//2: `depthwise_conv` (85 ms -> ~5 ms at
+    80x80x256).
   """
-  if not _is_pointwise(conv):
-    return conv(x)
-  kernel = conv.kernel[...]
-  bias = conv.bias[...] if conv.bias is not None else None
-  dtype = conv.dtype or jnp.result_type(x, kernel, *(() if bias is None else (bias,)))
-  y = jnp.einsum('...c,cd->...d', x.astype(dtype), kernel[0, 0].astype(dtype), precision=conv.precision)
-  return y if bias is None else y + bias.astype(dtype)
+
+  def _plain(self) -> bool:
+    def ones(v):
+      return all(int(d) == 1 for d in (v if isinstance(v, (tuple, list)) else (v,)))
+    return ones(self.strides) and ones(self.input_dilation) and ones(self.kernel_dilation) and self.mask is None
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kh, kw = self.kernel_size
+    pointwise = (kh, kw) == (1, 1) and self.feature_group_count == 1
+    depthwise = (kh == kw and kh % 2 == 1 and self.feature_group_count == self.in_features == self.out_features
+                 and self.feature_group_count > 1
+                 and tuple(map(tuple, self.padding)) == ((kh // 2, kh // 2),) * 2)
+    if not self._plain() or not (pointwise or depthwise):
+      return super().__call__(x)
+    kernel = self.kernel[...]
+    bias = self.bias[...] if self.bias is not None else None
+    dtype = self.dtype or jnp.result_type(x, kernel, *(() if bias is None else (bias,)))
+    if pointwise:
+      y = jnp.einsum('...c,cd->...d', x.astype(dtype), kernel[0, 0].astype(dtype), precision=self.precision)
+    else:
+      y = depthwise_conv(x, kernel, dtype)
+    return y if bias is None else y + bias.astype(dtype)
 
 
 def depthwise_conv(x: jax.Array, kernel: jax.Array, dtype: Any) -> jax.Array:
@@ -195,8 +206,7 @@ def conv_within_patches(patches: jax.Array, kernel: jax.Array, dtype: Any) -> ja
 class Conv(nnx.Module):
   """Ultralytics `Conv`: conv (no bias) -> BatchNorm -> SiLU (or identity when act=False).
 
-  (B,H,W,c1) -> (B,H/s,W/s,c2). Depthwise convs (groups = c1 = c2, stride 1) run as `depthwise_conv`,
-  1x1 convs as a matmul (`apply_conv`).
+  (B,H,W,c1) -> (B,H/s,W/s,c2).
   """
 
   def __init__(self, c1: int, c2: int, k: int = 1, s: int = 1, *, groups: int = 1, act: bool = True,
@@ -204,7 +214,6 @@ class Conv(nnx.Module):
     self.conv = conv2d(c1, c2, k, s, groups=groups, opts=opts, rngs=rngs)
     self.bn = batch_norm(c2, opts, rngs=rngs)
     self.act = act
-    self.depthwise = groups > 1 and groups == c1 == c2 and s == 1
 
   def normalize(self, y: jax.Array) -> jax.Array:
     """BatchNorm and activation of a conv output: the second half of `__call__`."""
@@ -212,9 +221,7 @@ class Conv(nnx.Module):
     return nnx.silu(y) if self.act else y
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    if self.depthwise:
-      return self.normalize(depthwise_conv(x, self.conv.kernel[...], self.conv.dtype or x.dtype))
-    return self.normalize(apply_conv(self.conv, x))
+    return self.normalize(self.conv(x))
 
 
 def dw_conv(c: int, k: int, *, act: bool = True, opts: LayerOptions, rngs: nnx.Rngs) -> Conv:

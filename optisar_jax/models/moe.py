@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from optisar_jax.models.layers import (Conv, LayerOptions, apply_conv, batch_norm, constant_init, conv2d,
-                                       conv_within_patches, linear, normal_init, require_rngs, uniform_init)
+from optisar_jax.models.layers import (Conv, LayerOptions, batch_norm, constant_init, conv2d, conv_within_patches,
+                                       linear, normal_init, require_rngs, uniform_init)
 
 # Patches of at most this many pixels convolve as one matmul (`conv_within_patches`); larger ones as a
 # batched convolution. The matmul holds (ph*pw)^2 taps where at most 9*ph*pw exist: 16 pixels (4x4)
@@ -202,7 +202,7 @@ class DualAdaptiveAttention(nnx.Module):
 
   def __call__(self, u: jax.Array) -> jax.Array:
     ca = nnx.sigmoid(self.fc2(nnx.relu(self.fc1(u.mean(axis=(1, 2))))))          # (B,c)
-    sa = nnx.sigmoid(apply_conv(self.sa_conv2, nnx.relu(self.sa_bn(apply_conv(self.sa_conv1, u)))))  # (B,H,W,1)
+    sa = nnx.sigmoid(self.sa_conv2(nnx.relu(self.sa_bn(self.sa_conv1(u)))))       # (B,H,W,1)
     return u * ca[:, None, None, :] * sa
 
 
