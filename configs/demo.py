@@ -49,4 +49,5 @@ def get_config():
   c.eval.batch_size = 16
   c.eval.query_slots = 48                # the synthetic data has about 3 queries per image
   c.demo.num_images = 1500
+  c.xla.cpu_ynnpack_train = 'reduce'     # small maps: 0.248 s per step vs 0.322 s with 'none' (compile_options.py)
   return c

@@ -47,4 +47,5 @@ def get_config():
   c.eval.batch_size = 4
   c.eval.query_slots = 12                # the synthetic data has about 3 queries per image
   c.demo.num_images = 24
+  c.xla.cpu_ynnpack_train = 'reduce'     # as the demo
   return c

@@ -16,6 +16,8 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
+from optisar_jax import compile_options
+
 
 def cost_gflops(compiled) -> float | None:
   """FLOPs of one call of a compiled jax computation, in GFLOP (None when XLA does not say)."""
@@ -122,7 +124,8 @@ def bench_forward(config, config_name: str, batch: int, imgsz: int, *, warmup: i
   from optisar_jax import evaluation
   config.data.imgsz = imgsz
   graphdef, params, rest = _fresh_weights(config)
-  predict = jax.jit(evaluation.make_predict_fn(config, graphdef))
+  predict = jax.jit(evaluation.make_predict_fn(config, graphdef),
+                    compiler_options=compile_options.compiler_options(config, 'eval'))
   images = jnp.asarray(random_images(batch, imgsz))
   queries = jnp.asarray(np.random.default_rng(1).normal(size=(batch, 1, config.text.dim)), jnp.float32)
   queries = queries / jnp.linalg.norm(queries, axis=-1, keepdims=True)

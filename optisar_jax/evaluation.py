@@ -32,6 +32,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from optisar_jax import compile_options
 from optisar_jax import metrics as metrics_lib
 from optisar_jax import predictions as predictions_lib
 from optisar_jax.data import pipeline
@@ -172,7 +173,8 @@ class Grounder:
     self._predict = jax.jit(make_packed_predict_fn(config, eval_graphdef, self.mesh.size),
                             in_shardings=(self.replicated, self.replicated, self.batch_sharding,
                                           self.batch_sharding, self.batch_sharding),
-                            out_shardings=(self.replicated, self.replicated))
+                            out_shardings=(self.replicated, self.replicated),
+                            compiler_options=compile_options.compiler_options(config, 'eval'))
     self._compiled_predict = None
     self._tower = None
     self.embedder = texts_lib.QueryEmbedder(config, texts, embed_tokens=self._embed_tokens)

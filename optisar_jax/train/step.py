@@ -31,6 +31,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from optisar_jax import compile_options
 from optisar_jax.grounding import GroundingModel
 from optisar_jax.models import box_ops
 from optisar_jax.train import ema as ema_lib
@@ -198,4 +199,5 @@ def jit_train_step(config: ml_collections.ConfigDict, setup: TrainSetup, mesh):
   replicated = sharding_lib.replicated(mesh)
   return jax.jit(make_train_step(config, setup.train_graphdef, setup.tx),
                  in_shardings=(setup.shardings, sharding_lib.batch_sharding(mesh), replicated, replicated),
-                 out_shardings=(setup.shardings, replicated), donate_argnums=(0,))
+                 out_shardings=(setup.shardings, replicated), donate_argnums=(0,),
+                 compiler_options=compile_options.compiler_options(config, 'train'))
