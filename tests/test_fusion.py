@@ -11,7 +11,7 @@ from flax import nnx
 
 from optisar_jax.config import load_config
 from optisar_jax.models.fusion import (GatedMaxSigmoidAttn, SpatialShuffleAttention, TGDFSSA,
-                                       channel_shuffle2)
+                                       ssa_indices)
 from optisar_jax.models.layers import LayerOptions
 
 OPTS = LayerOptions()
@@ -43,9 +43,32 @@ def ssa_reference(x, groups, w_avg, b_avg, w_max, b_max):
   return np.stack([y[..., (k % 2) * (c // 2) + k // 2] for k in range(c)], -1)
 
 
-def test_channel_shuffle2_index_rule():
-  x = jnp.arange(8.0)
-  np.testing.assert_array_equal(channel_shuffle2(x), [0, 4, 1, 5, 2, 6, 3, 7])
+def test_ssa_indices_follow_the_shuffles():
+  # C = 8, G = 2 (C_g = 4, h = 2): group shuffle s = [0, 2, 1, 3] per group -> positions carry x channels
+  # [0, 2, 1, 3, 4, 6, 5, 7]; the final shuffle reads positions [0, 4, 1, 5, 2, 6, 3, 7].
+  source, pooled, att_of = ssa_indices(8, 2)
+  np.testing.assert_array_equal(source, [0, 4, 2, 6, 1, 5, 3, 7])
+  # position (g, k) pools position (g, (k + 2) mod 4): x channels [1, 3, 0, 2] in group 0
+  np.testing.assert_array_equal(pooled, [1, 3, 0, 2, 5, 7, 4, 6])
+  np.testing.assert_array_equal(att_of[source], [0, 4, 1, 5, 2, 6, 3, 7])
+
+
+def test_tgdf_ssa_takes_the_shuffle_into_its_conv():
+  """TGDFSSA.visual's first conv reads the scaled, unshuffled map with permuted kernel rows: the same
+  as cv1(SSA(x)) on the shuffled map."""
+  layer = TGDFSSA(16, 16, 1, 12, tgdg_config(embed_channels=16, ssa_groups=2), opts=OPTS, rngs=nnx.Rngs(0))
+  layer.eval()
+  rng = np.random.default_rng(4)
+  for name in ('w_avg', 'b_avg', 'w_max', 'b_max'):
+    getattr(layer.ssa, name)[...] = jnp.asarray(rng.normal(size=4), jnp.float32)
+  layer.cv1.bn.mean[...] = jnp.asarray(rng.normal(size=16), jnp.float32)
+  x = normal(5, (2, 6, 6, 16))
+  y = layer.cv1(layer.ssa(x))                                # the shuffled map through the conv as is
+  ys = [y[..., :8], y[..., 8:], layer.m[0](y[..., 8:])]
+  kernel, _ = layer._output_kernel()
+  partial, _, xp = layer.visual(x)
+  np.testing.assert_allclose(partial, jnp.concatenate(ys, axis=-1) @ kernel[:24], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(xp, layer.attn.proj_conv(ys[-1]), rtol=1e-5, atol=1e-5)
 
 
 def test_ssa_matches_index_formulas():

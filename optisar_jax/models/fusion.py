@@ -19,21 +19,43 @@ the guide MLP, the temperature, the bias and the embedding conv without gradient
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from optisar_jax.models.blocks import Bottleneck
 from optisar_jax.models.layers import Conv, LayerOptions, layer_norm, linear, require_rngs
 
 
-def channel_shuffle2(x: jax.Array) -> jax.Array:
-  """2-way channel shuffle over the last axis: out[k] = x[(k mod 2) * C/2 + k // 2]."""
-  c = x.shape[-1]
-  return x.reshape(*x.shape[:-1], 2, c // 2).swapaxes(-1, -2).reshape(x.shape)
+@functools.lru_cache(maxsize=None)
+def ssa_indices(c: int, groups: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Static channel maps of SSA on C channels in G groups (C_g = C/G, h = C_g/2), as flat channel numbers.
+
+  The group shuffle puts x[g C_g + s(k)] at position n = (g, k), s(k) = (k mod 2) h + k // 2; the
+  attention at (g, k) pools position (g, (k + h) mod C_g) (max for k < h, mean for k >= h); the final
+  shuffle puts position S(m) = (m mod 2) C/2 + m // 2 into output channel m. Returns
+
+    source (C,):  the channel of x that output channel m carries: out[m] = x[source[m]] * att[S(m)];
+    pooled (C,):  the channel of x whose pooled statistic drives attention position n;
+    att_of (C,):  the attention position that scales channel c of x (att_of[source[m]] = S(m)).
+  """
+  cg = c // groups
+  k = np.arange(cg)
+  shuffle = (k % 2) * (cg // 2) + k // 2                                  # s(k)
+  base = np.repeat(np.arange(groups) * cg, cg)
+  position = base + np.tile(shuffle, groups)                              # x channel at position n
+  pooled = base + np.tile(shuffle[(k + cg // 2) % cg], groups)
+  m = np.arange(c)
+  final = (m % 2) * (c // 2) + m // 2                                     # S(m)
+  source = position[final]
+  att_of = np.empty(c, np.int32)
+  att_of[source] = final
+  return source, pooled, att_of
 
 
 class SpatialShuffleAttention(nnx.Module):
@@ -41,6 +63,10 @@ class SpatialShuffleAttention(nnx.Module):
   is scaled by sigmoid(w_max * GMP(second half) + b_max), the second by sigmoid(w_avg * GAP(first half)
   + b_avg) (the reference's pairing); parameters (C_g/2,) are shared by all groups; attention dropout
   (train mode only); a final 2-way shuffle over all C channels. (B,H,W,C) -> (B,H,W,C).
+
+  The two shuffles only move channels, so `scale(x)` computes the same thing without moving the map:
+  SSA(x)[..., m] = (x * scale(x)[:, None, None])[..., source[m]] (`ssa_indices`), and a 1x1 conv that
+  follows SSA can take the permutation into its kernel's rows instead (TGDFSSA does).
   """
 
   def __init__(self, c: int, groups: int, *, dropout: float):
@@ -55,19 +81,26 @@ class SpatialShuffleAttention(nnx.Module):
     self.dropout = dropout
     self.deterministic = False
 
-  def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
-    b, h, w, c = x.shape
-    groups = channel_shuffle2(x.reshape(b, h, w, self.groups, c // self.groups))   # (B,H,W,G,C_g)
-    avg = groups[..., :self.half].astype(jnp.float32).mean(axis=(1, 2))              # (B,G,C_g/2)
-    mx = groups[..., self.half:].astype(jnp.float32).max(axis=(1, 2))
-    att = jax.nn.sigmoid(jnp.concatenate([self.w_max[...] * mx + self.b_max[...],
-                                          self.w_avg[...] * avg + self.b_avg[...]], axis=-1))
+  def scale(self, x: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
+    """The attention of every channel of x, in x's own channel order: (B,H,W,C) -> (B,C) float32."""
+    b, c = x.shape[0], x.shape[-1]
+    _, pooled, att_of = ssa_indices(c, self.groups)
+    xf = x.astype(jnp.float32)
+    first_half = (np.arange(c) % (2 * self.half)) < self.half             # positions scaled by a max
+    stat = jnp.where(first_half, xf.max(axis=(1, 2))[:, pooled], xf.mean(axis=(1, 2))[:, pooled])
+    stat = stat.reshape(b, self.groups, 2 * self.half)                      # (B,G,C_g): position (g, k)
+    att = jax.nn.sigmoid(jnp.concatenate([self.w_max[...] * stat[..., :self.half] + self.b_max[...],
+                                          self.w_avg[...] * stat[..., self.half:] + self.b_avg[...]],
+                                         axis=-1))
     if self.dropout > 0 and not self.deterministic:
       key = require_rngs(rngs, 'SSA attention dropout').dropout()
       keep = jax.random.bernoulli(key, 1.0 - self.dropout, att.shape)
       att = jnp.where(keep, att / (1.0 - self.dropout), 0.0)
-    y = groups * att[:, None, None].astype(x.dtype)
-    return channel_shuffle2(y.reshape(b, h, w, c))
+    return att.reshape(b, c)[:, att_of]
+
+  def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
+    source, _, _ = ssa_indices(x.shape[-1], self.groups)
+    return jnp.take(x * self.scale(x, rngs=rngs)[:, None, None].astype(x.dtype), source, axis=-1)
 
 
 class EnhancedGuideProjection(nnx.Module):
@@ -151,7 +184,14 @@ class TGDFSSA(nnx.Module):
     conv is linear in its input channels, so the text branch's share is added in `fuse`); embed and xp:
     the attention block's two projections of y_{n+1}.
     """
-    y = self.cv1(self.ssa(x, rngs=rngs))
+    # cv1(SSA(x)) with SSA's channel permutation taken into cv1's kernel rows: sum_m x[source[m]] a[m] K[m]
+    # = sum_c (x a)[c] K[inverse[c]], so the map is only scaled, never shuffled.
+    source, _, _ = ssa_indices(x.shape[-1], self.ssa.groups)
+    inverse = np.argsort(source)
+    dtype = self.cv1.conv.dtype or x.dtype
+    scaled = x * self.ssa.scale(x, rngs=rngs)[:, None, None].astype(x.dtype)
+    y = self.cv1.normalize(jnp.einsum('...c,cd->...d', scaled.astype(dtype),
+                                      self.cv1.conv.kernel[...][0, 0][inverse].astype(dtype)))
     ys = [y[..., :self.c], y[..., self.c:]]
     for block in self.m:
       ys.append(block(ys[-1]))
