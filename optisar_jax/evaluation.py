@@ -7,10 +7,12 @@ meanIoU, cumIoU; all / optical / SAR).
 
 Packing (`pack_queries`): an eval step gives every device a block of `eval.batch_size` image slots and
 `eval.query_slots` query slots; each query slot names the image slot (of its own block) whose context it
-reads, so compute follows the number of queries and not a fixed number of query slots per image. An image
-with more queries than fit takes an image slot in the next block as well.
+reads, so compute follows the number of queries and not a fixed number of query slots per image. Every
+block costs the same whatever it holds, so the packer looks for the fewest blocks (largest images first,
+each into the block with the most free query slots); an image that fits in no block whole is split over
+blocks with free image slots (its context is then computed in each).
 
-Determinism: blocks are filled in source order independently of the device count; every device always
+Determinism: the packing is a function of the query counts alone, not of the device count; every device always
 runs the same per-device program, and a query's result does not depend on the other rows of its block,
 so the metrics are bitwise identical for any number of devices or processes. Every process reads the
 whole split and holds all predictions; process 0 writes files.
@@ -113,32 +115,65 @@ class Block:
 
 def pack_queries(counts: Sequence[int], image_slots: int, query_slots: int,
                  max_queries_per_image: int = 0) -> list[Block]:
-  """Packs the queries of examples with `counts[i]` queries each into blocks, in order.
+  """Packs the queries of examples with `counts[i]` queries each into as few blocks as it can.
 
-  A block takes images while it has a free image slot and a free query slot; an image gets as many of its
-  remaining queries as fit (at most `max_queries_per_image` when > 0; 1 reproduces one forward per
-  query) and continues in the next block otherwise. Examples without queries take no slot.
+  Each example's queries are cut into pieces of at most `max_queries_per_image` (when > 0; 1 reproduces one
+  forward per query) and `query_slots` queries; a piece takes one image slot and a query slot per query.
+  For B = the lower bound max(ceil(pieces / image_slots), ceil(queries / query_slots)), B + 1, ...: the
+  pieces, largest first (ties in example order), go to the block with the most free query slots among
+  those with a free image slot (ties: the first); a piece that fits whole in none is split over the blocks
+  with a free image slot, most free slots first; the first B that takes every piece is the packing.
+  Examples without queries take no slot. Inside a block, image slots are in placement order.
   """
   if image_slots < 1 or query_slots < 1:
     raise ValueError(f'eval.batch_size={image_slots} and eval.query_slots={query_slots} must be >= 1')
-  per_image = query_slots if max_queries_per_image <= 0 else min(query_slots, max_queries_per_image)
-  blocks: list[Block] = []
-  images: list[int] = []
-  queries: list[tuple[int, int, int]] = []
-  for example, count in enumerate(counts):
-    done = 0
-    while done < count:
-      if len(images) == image_slots or len(queries) == query_slots:
-        blocks.append(Block(tuple(images), tuple(queries)))
-        images, queries = [], []
-      slot = len(images)
-      images.append(example)
-      take = min(count - done, query_slots - len(queries), per_image)
-      queries.extend((slot, example, done + k) for k in range(take))
+  per_piece = query_slots if max_queries_per_image <= 0 else min(query_slots, max_queries_per_image)
+  pieces = [(example, first, min(per_piece, count - first))
+            for example, count in enumerate(counts) for first in range(0, count, per_piece)]
+  if not pieces:
+    return []
+  pieces.sort(key=lambda piece: -piece[2])                        # stable: ties stay in example order
+  num_blocks = max(math.ceil(len(pieces) / image_slots), math.ceil(sum(counts) / query_slots))
+  while True:
+    blocks = _place_pieces(pieces, num_blocks, image_slots, query_slots)
+    if blocks is not None:
+      return blocks
+    num_blocks += 1
+
+
+def _place_pieces(pieces, num_blocks: int, image_slots: int, query_slots: int) -> list[Block] | None:
+  """`pack_queries` for a fixed number of blocks: the blocks, or None when the pieces do not fit."""
+  images: list[list[int]] = [[] for _ in range(num_blocks)]
+  queries: list[list[tuple[int, int, int]]] = [[] for _ in range(num_blocks)]
+
+  def open_blocks():                 # blocks with a free image slot, most free query slots first
+    return sorted((b for b in range(num_blocks) if len(images[b]) < image_slots and len(queries[b]) < query_slots),
+                  key=lambda b: (len(queries[b]), b))
+
+  for example, first, count in pieces:
+    candidates = open_blocks()
+    if not candidates:
+      return None
+    parts = []
+    if query_slots - len(queries[candidates[0]]) >= count:
+      parts = [(candidates[0], count)]
+    else:                            # split: fill the blocks with the most room until the piece is placed
+      left = count
+      for b in candidates:
+        take = min(left, query_slots - len(queries[b]))
+        parts.append((b, take))
+        left -= take
+        if not left:
+          break
+      if left:
+        return None
+    done = first
+    for b, take in parts:
+      slot = len(images[b])
+      images[b].append(example)
+      queries[b].extend((slot, example, done + k) for k in range(take))
       done += take
-  if images:
-    blocks.append(Block(tuple(images), tuple(queries)))
-  return blocks
+  return [Block(tuple(images[b]), tuple(queries[b])) for b in range(num_blocks) if images[b]]
 
 
 @dataclasses.dataclass

@@ -71,20 +71,41 @@ def test_batched_queries_equal_one_query_per_forward(trained_tiny, test_split):
     np.testing.assert_allclose(a.box, b.box, atol=1e-2)
 
 
-def test_pack_queries_fills_image_and_query_slots_in_order():
-  # examples with 3, 0, 1, 5 queries; blocks of 2 image slots and 4 query slots
+def test_pack_queries_uses_few_blocks():
+  # examples with 3, 0, 1, 5 queries; blocks of 2 image slots and 4 query slots: 9 queries need 3 blocks;
+  # example 3 is cut at 4 queries, largest pieces go first, each to the block with the most room
   blocks = evaluation.pack_queries([3, 0, 1, 5], 2, 4)
   assert blocks == [
-      evaluation.Block((0, 2), ((0, 0, 0), (0, 0, 1), (0, 0, 2), (1, 2, 0))),
       evaluation.Block((3,), ((0, 3, 0), (0, 3, 1), (0, 3, 2), (0, 3, 3))),
-      evaluation.Block((3,), ((0, 3, 4),)),
+      evaluation.Block((0,), ((0, 0, 0), (0, 0, 1), (0, 0, 2))),
+      evaluation.Block((2, 3), ((0, 2, 0), (1, 3, 4))),
+  ]
+  # an image that fits whole in no block is split over the free image slots: 2 blocks, not 3
+  assert evaluation.pack_queries([4, 4, 4], 3, 6) == [
+      evaluation.Block((0, 2), ((0, 0, 0), (0, 0, 1), (0, 0, 2), (0, 0, 3), (1, 2, 0), (1, 2, 1))),
+      evaluation.Block((1, 2), ((0, 1, 0), (0, 1, 1), (0, 1, 2), (0, 1, 3), (1, 2, 2), (1, 2, 3))),
   ]
   # one query per image slot: the backbone runs once per query
   blocks = evaluation.pack_queries([3, 1], 2, 2, max_queries_per_image=1)
   assert [b.images for b in blocks] == [(0, 0), (0, 1)]
-  assert [b.queries for b in blocks] == [((0, 0, 0), (1, 0, 1)), ((0, 0, 2), (1, 1, 0))]
+  assert [b.queries for b in blocks] == [((0, 0, 0), (1, 0, 2)), ((0, 0, 1), (1, 1, 0))]
   with pytest.raises(ValueError, match='eval.query_slots=0'):
     evaluation.pack_queries([1], 2, 0)
+
+
+@pytest.mark.parametrize('image_slots,query_slots', [(4, 14), (4, 13), (8, 26), (3, 5)])
+def test_pack_queries_places_every_query_once_within_the_slots(image_slots, query_slots):
+  # the synthetic test split of 200 images: 20 images with 2-5 queries (66 in all)
+  counts = [3, 4, 2, 3, 4, 3, 5, 4, 3, 3, 2, 4, 3, 4, 3, 4, 2, 3, 3, 4]
+  blocks = evaluation.pack_queries(counts, image_slots, query_slots)
+  placed = sorted((i, q) for b in blocks for _, i, q in b.queries)
+  assert placed == [(i, q) for i, c in enumerate(counts) for q in range(c)]
+  for b in blocks:
+    assert len(b.images) <= image_slots and len(b.queries) <= query_slots
+    assert all(b.images[slot] == i for slot, i, _ in b.queries)
+  lower_bound = max(-(-len(counts) // image_slots), -(-sum(counts) // query_slots))
+  assert len(blocks) == lower_bound          # this split packs without a wasted block
+  assert blocks == evaluation.pack_queries(counts, image_slots, query_slots)     # a function of the counts
 
 
 def test_packed_predict_equals_one_forward_per_image(trained_tiny, loaded_grounder):
