@@ -271,7 +271,8 @@ def bench_evaluate(config, config_name: str, batch: int, imgsz: int, *, warmup: 
     results[label] = time_calls(run, warmup=warmup, repeats=repeats)
   batched, single = summarize(results['batched']), summarize(results['per_query'])
   out = record('evaluate', config_name, batch, imgsz, results['batched'], None,
-               queries=queries, images=len(examples),
+               queries=queries, images=len(examples), image_slots=batch,
+               query_slots=int(config.eval.query_slots),
                queries_per_s=queries / batched['median_s'],
                per_query_median_s=single['median_s'], per_query_queries_per_s=queries / single['median_s'],
                speedup_vs_per_query=single['median_s'] / batched['median_s'])
