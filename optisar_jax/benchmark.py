@@ -117,26 +117,50 @@ def _fresh_weights(config):
   return graphdef, params, rest
 
 
+def _with_cpu_ynnpack(config, program: str, choice: str):
+  """A copy of the config whose `xla.cpu_ynnpack_<program>` is `choice`."""
+  import ml_collections
+  other = ml_collections.ConfigDict(config.to_dict())
+  other.xla[f'cpu_ynnpack_{program}'] = choice
+  compile_options.compiler_options(other, program)        # validates the choice
+  return other
+
+
 def bench_forward(config, config_name: str, batch: int, imgsz: int, *, warmup: int, repeats: int,
-                  against: str | None = None, threads: int | None = None) -> dict[str, Any]:
-  """Eval-mode forward (backbone + neck + head, one query per image, decoded top-1 box)."""
+                  against: str | None = None, threads: int | None = None,
+                  against_cpu_ynnpack: str | None = None) -> dict[str, Any]:
+  """Eval-mode forward (backbone + neck + head, one query per image, decoded top-1 box).
+
+  `against_cpu_ynnpack`: also time the same program compiled with `xla.cpu_ynnpack_eval` = that choice,
+  alternating in this process (the peer is then that program)."""
   import jax.numpy as jnp
   from optisar_jax import evaluation
   config.data.imgsz = imgsz
+  other_config = _with_cpu_ynnpack(config, 'eval', against_cpu_ynnpack) if against_cpu_ynnpack else None
   graphdef, params, rest = _fresh_weights(config)
-  predict = jax.jit(evaluation.make_predict_fn(config, graphdef),
-                    compiler_options=compile_options.compiler_options(config, 'eval'))
+
+  def compile_predict(cfg):
+    predict = jax.jit(evaluation.make_predict_fn(cfg, graphdef),
+                      compiler_options=compile_options.compiler_options(cfg, 'eval'))
+    return predict.lower(params, rest, images, queries).compile()
+
   images = jnp.asarray(random_images(batch, imgsz))
   queries = jnp.asarray(np.random.default_rng(1).normal(size=(batch, 1, config.text.dim)), jnp.float32)
   queries = queries / jnp.linalg.norm(queries, axis=-1, keepdims=True)
-  compiled = predict.lower(params, rest, images, queries).compile()
+  compiled = compile_predict(config)
   gflops = cost_gflops(compiled)
   ours = lambda: compiled(params, rest, images, queries)
-  if against:
-    peer = _peer(against, config, batch, imgsz, 'forward', threads)
+  if against or against_cpu_ynnpack:
+    if against_cpu_ynnpack:
+      other = compile_predict(other_config)
+      peer = lambda: jax.block_until_ready(other(params, rest, images, queries))
+      against = f'xla.cpu_ynnpack_eval={against_cpu_ynnpack}'
+    else:
+      peer = _peer(against, config, batch, imgsz, 'forward', threads)
     t_ours, t_peer = time_alternating(ours, peer, warmup=warmup, repeats=repeats)
     peer_stats = summarize(t_peer)
-    return record('forward', config_name, batch, imgsz, t_ours, gflops, peer=against + _peer_name(config),
+    name = against if against_cpu_ynnpack else against + _peer_name(config)
+    return record('forward', config_name, batch, imgsz, t_ours, gflops, peer=name,
                   peer_median_s=peer_stats['median_s'],
                   ratio=summarize(t_ours)['median_s'] / peer_stats['median_s'])
   return record('forward', config_name, batch, imgsz, time_calls(ours, warmup=warmup, repeats=repeats), gflops)
@@ -159,13 +183,19 @@ def _peer(against: str, config, batch: int, imgsz: int, mode: str, threads: int 
 
 
 def bench_train_step(config, config_name: str, batch: int, imgsz: int, *, warmup: int, repeats: int,
-                     against: str | None = None, threads: int | None = None) -> dict[str, Any]:
-  """One optimizer step (forward, assigner, losses, backward, AdamW, EMA) on a random batch."""
+                     against: str | None = None, threads: int | None = None,
+                     against_cpu_ynnpack: str | None = None) -> dict[str, Any]:
+  """One optimizer step (forward, assigner, losses, backward, AdamW, EMA) on a random batch.
+
+  `against_cpu_ynnpack`: also time the same step compiled with `xla.cpu_ynnpack_train` = that choice, on
+  its own copy of the state, alternating in this process."""
+  import jax.numpy as jnp
   from optisar_jax.train import optimizer as optimizer_lib
   from optisar_jax.train import sharding as sharding_lib
   from optisar_jax.train import step as step_lib
   config.data.imgsz = imgsz
   config.train.batch_size = batch
+  other_config = _with_cpu_ynnpack(config, 'train', against_cpu_ynnpack) if against_cpu_ynnpack else None
   mesh = sharding_lib.make_mesh(config.mesh)
   rules = tuple(tuple(rule) for rule in config.mesh.sharding_rules)
   setup = step_lib.setup_training(config, mesh, rules, make_tx=lambda model: optimizer_lib.make_optimizer(
@@ -199,11 +229,22 @@ def bench_train_step(config, config_name: str, batch: int, imgsz: int, *, warmup
       holder['state'], metrics = compiled(holder['state'], global_batch, table, key)
       return metrics
 
-    if against:
-      peer = _peer(against, config, batch, imgsz, 'train_step', threads)
+    if against or against_cpu_ynnpack:
+      if against_cpu_ynnpack:
+        other = step_lib.jit_train_step(other_config, setup, mesh).lower(state, global_batch, table, key).compile()
+        other_holder = {'state': jax.tree.map(jnp.copy, state)}
+
+        def peer():
+          other_holder['state'], metrics = other(other_holder['state'], global_batch, table, key)
+          return jax.block_until_ready(metrics)
+
+        name = f'xla.cpu_ynnpack_train={against_cpu_ynnpack}'
+      else:
+        peer = _peer(against, config, batch, imgsz, 'train_step', threads)
+        name = against + _peer_name(config)
       t_ours, t_peer = time_alternating(ours, peer, warmup=warmup, repeats=repeats)
       peer_stats = summarize(t_peer)
-      out = record('train_step', config_name, batch, imgsz, t_ours, gflops, peer=against + _peer_name(config),
+      out = record('train_step', config_name, batch, imgsz, t_ours, gflops, peer=name,
                    peer_median_s=peer_stats['median_s'],
                    ratio=summarize(t_ours)['median_s'] / peer_stats['median_s'])
     else:

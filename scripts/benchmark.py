@@ -2,11 +2,13 @@
 
   python scripts/benchmark.py --what forward --config configs/optsar_rsvg.py [--batch 1] [--imgsz 640]
   python scripts/benchmark.py --what forward --config configs/optsar_rsvg.py --against ultralytics
+  python scripts/benchmark.py --what forward --config configs/optsar_rsvg.py --against_cpu_ynnpack all
   python scripts/benchmark.py --what {train_step,evaluate,input} --config configs/demo.py
 
 Keys: what, config, batch, imgsz, median_s (and min/max/stdev), gflops (per call, XLA cost analysis, when
 known), gflops_per_s, device, peak_memory_bytes; with --against ultralytics also peer, peer_median_s and
 ratio = ours / peer (same process, alternating runs). --against needs `pip install -e '.[bench]'`.
+--against_cpu_ynnpack C compares with the same program compiled with the config's xla.cpu_ynnpack_* = C.
 """
 
 import argparse
@@ -31,16 +33,21 @@ def main() -> int:
   parser.add_argument('--num_images', type=int, default=None,
                       help='evaluate/input: images of the synthetic dataset generated for the measurement')
   parser.add_argument('--threads', type=int, default=None, help='peer torch threads (default: all cores)')
+  parser.add_argument('--against_cpu_ynnpack', choices=['all', 'reduce', 'none'], default=None,
+                      help="forward/train_step: time the same program compiled with xla.cpu_ynnpack_{eval,train} "
+                           "= this choice, alternating (XLA:CPU's kernel libraries, compile_options.py)")
   args, config = cli.parse_with_config(parser)
   from optisar_jax import benchmark
   batch = args.batch or (1 if args.what == 'forward' else
                          int(config.eval.batch_size) if args.what == 'evaluate' else int(config.train.batch_size))
   imgsz = args.imgsz or int(config.data.imgsz)
   kwargs = {'warmup': args.warmup, 'repeats': args.repeats}
+  if args.against and args.against_cpu_ynnpack:
+    raise ValueError('--against and --against_cpu_ynnpack: give one of them')
   if args.what in ('forward', 'train_step'):
-    kwargs.update(against=args.against, threads=args.threads)
-  elif args.against:
-    raise ValueError(f'--against: not available for --what {args.what}')
+    kwargs.update(against=args.against, threads=args.threads, against_cpu_ynnpack=args.against_cpu_ynnpack)
+  elif args.against or args.against_cpu_ynnpack:
+    raise ValueError(f'--against/--against_cpu_ynnpack: not available for --what {args.what}')
   if args.num_images is not None:
     if args.what not in ('evaluate', 'input'):
       raise ValueError(f'--num_images: not available for --what {args.what}')

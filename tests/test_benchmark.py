@@ -28,3 +28,15 @@ def test_record_reports_the_achieved_rate():
   out = benchmark.record('forward', 'tiny.py', 1, 64, [0.5, 0.5, 0.5], 2.0, ratio=1.1)
   assert out['gflops_per_s'] == 4.0 and out['median_s'] == 0.5 and out['ratio'] == 1.1
   assert out['num_devices'] == jax.device_count()
+
+
+def test_forward_against_another_cpu_kernel_choice():
+  """--against_cpu_ynnpack: the same forward compiled twice (the config's kernels and 'all'), alternated."""
+  from optisar_jax.config import load_config
+  config = load_config('tiny')
+  out = benchmark.bench_forward(config, 'tiny.py', 1, 64, warmup=1, repeats=2, against_cpu_ynnpack='all')
+  assert out['peer'] == 'xla.cpu_ynnpack_eval=all' and out['repeats'] == 2
+  assert out['ratio'] == pytest.approx(out['median_s'] / out['peer_median_s'])
+  assert out['gflops'] > 0
+  with pytest.raises(ValueError, match="'xla.cpu_ynnpack_eval': 'fast' is not one of"):
+    benchmark.bench_forward(load_config('tiny'), 'tiny.py', 1, 64, warmup=1, repeats=1, against_cpu_ynnpack='fast')
