@@ -21,6 +21,7 @@ whole split and holds all predictions; process 0 writes files.
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import json
 import math
 import os
@@ -142,37 +143,31 @@ def pack_queries(counts: Sequence[int], image_slots: int, query_slots: int,
 
 
 def _place_pieces(pieces, num_blocks: int, image_slots: int, query_slots: int) -> list[Block] | None:
-  """`pack_queries` for a fixed number of blocks: the blocks, or None when the pieces do not fit."""
+  """`pack_queries` for a fixed number of blocks: the blocks, or None when the pieces do not fit.
+
+  The blocks that still have a free image slot and a free query slot sit in a heap keyed by (query slots
+  used, block index), so the block with the most room (the first on ties) is found in O(log B)."""
   images: list[list[int]] = [[] for _ in range(num_blocks)]
   queries: list[list[tuple[int, int, int]]] = [[] for _ in range(num_blocks)]
-
-  def open_blocks():                 # blocks with a free image slot, most free query slots first
-    return sorted((b for b in range(num_blocks) if len(images[b]) < image_slots and len(queries[b]) < query_slots),
-                  key=lambda b: (len(queries[b]), b))
-
+  open_blocks = [(0, b) for b in range(num_blocks)]             # already a heap
   for example, first, count in pieces:
-    candidates = open_blocks()
-    if not candidates:
+    parts = []                       # (block, queries taken): the roomiest block, or several when split
+    left = count
+    while left and open_blocks:
+      used, b = heapq.heappop(open_blocks)
+      take = min(left, query_slots - used)         # all of it, unless it fits whole in no block
+      parts.append((b, take))
+      left -= take
+    if left:
       return None
-    parts = []
-    if query_slots - len(queries[candidates[0]]) >= count:
-      parts = [(candidates[0], count)]
-    else:                            # split: fill the blocks with the most room until the piece is placed
-      left = count
-      for b in candidates:
-        take = min(left, query_slots - len(queries[b]))
-        parts.append((b, take))
-        left -= take
-        if not left:
-          break
-      if left:
-        return None
     done = first
     for b, take in parts:
       slot = len(images[b])
       images[b].append(example)
       queries[b].extend((slot, example, done + k) for k in range(take))
       done += take
+      if len(images[b]) < image_slots and len(queries[b]) < query_slots:
+        heapq.heappush(open_blocks, (len(queries[b]), b))
   return [Block(tuple(images[b]), tuple(queries[b])) for b in range(num_blocks) if images[b]]
 
 
