@@ -65,7 +65,7 @@ def test_tgdf_ssa_takes_the_shuffle_into_its_conv():
   x = normal(5, (2, 6, 6, 16))
   y = layer.cv1(layer.ssa(x))                                # the shuffled map through the conv as is
   ys = [y[..., :8], y[..., 8:], layer.m[0](y[..., 8:])]
-  kernel, _ = layer._output_kernel()
+  kernel = layer.cv2.conv.kernel[...][0, 0]
   partial, _, xp = layer.visual(x)
   np.testing.assert_allclose(partial, jnp.concatenate(ys, axis=-1) @ kernel[:24], rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(xp, layer.attn.proj_conv(ys[-1]), rtol=1e-5, atol=1e-5)

@@ -161,6 +161,12 @@ class GatedMaxSigmoidAttn(nnx.Module):
     return self.fuse(*self.visual(x), text)
 
 
+def _kernel_matrix(conv: Conv) -> tuple[jax.Array, Any]:
+  """A 1x1 Conv's kernel as a (C_in, C_out) matrix in its compute dtype, and that dtype."""
+  dtype = conv.conv.dtype or jnp.float32
+  return conv.conv.kernel[...][0, 0].astype(dtype), dtype
+
+
 class TGDFSSA(nnx.Module):
   """TGDF-SSA layer: (B,H,W,c1), text (1|B,K,D) -> (B,H,W,c2), hidden c = int(c2 * e), n bottlenecks."""
 
@@ -187,15 +193,13 @@ class TGDFSSA(nnx.Module):
     # cv1(SSA(x)) with SSA's channel permutation taken into cv1's kernel rows: sum_m x[source[m]] a[m] K[m]
     # = sum_c (x a)[c] K[inverse[c]], so the map is only scaled, never shuffled.
     source, _, _ = ssa_indices(x.shape[-1], self.ssa.groups)
-    inverse = np.argsort(source)
-    dtype = self.cv1.conv.dtype or x.dtype
+    kernel, dtype = _kernel_matrix(self.cv1)
     scaled = x * self.ssa.scale(x, rngs=rngs)[:, None, None].astype(x.dtype)
-    y = self.cv1.normalize(jnp.einsum('...c,cd->...d', scaled.astype(dtype),
-                                      self.cv1.conv.kernel[...][0, 0][inverse].astype(dtype)))
+    y = self.cv1.normalize(jnp.einsum('...c,cd->...d', scaled.astype(dtype), kernel[np.argsort(source)]))
     ys = [y[..., :self.c], y[..., self.c:]]
     for block in self.m:
       ys.append(block(ys[-1]))
-    kernel, dtype = self._output_kernel()
+    kernel, dtype = _kernel_matrix(self.cv2)
     visual_channels = (2 + len(self.m)) * self.c
     partial = jnp.einsum('...c,cd->...d', jnp.concatenate(ys, axis=-1).astype(dtype),
                          kernel[:visual_channels])
@@ -205,15 +209,10 @@ class TGDFSSA(nnx.Module):
     """The rest, given `visual(x)`: the text-gated attention branch, its share of the output conv, and
     the output conv's BatchNorm and SiLU."""
     partial, embed, xp = visual
-    kernel, dtype = self._output_kernel()
+    kernel, dtype = _kernel_matrix(self.cv2)
     y_att = self.attn.fuse(embed, xp, text).astype(dtype)
     out = partial + jnp.einsum('...c,cd->...d', y_att, kernel[(2 + len(self.m)) * self.c:])
     return self.cv2.normalize(out)
-
-  def _output_kernel(self) -> tuple[jax.Array, Any]:
-    """The output conv's (1x1) kernel as a ((3+n)c, c2) matrix in the compute dtype."""
-    dtype = self.cv2.conv.dtype or jnp.float32
-    return self.cv2.conv.kernel[...][0, 0].astype(dtype), dtype
 
   def __call__(self, x: jax.Array, text: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
     return self.fuse(self.visual(x, rngs=rngs), text)
