@@ -81,7 +81,18 @@ def get_config():
   c.model.strides = (8, 16, 32)
   c.model.bn_momentum = 0.97             # flax convention (torch momentum 0.03)
   c.model.bn_epsilon = 1e-3
-  c.model.compute_dtype = 'float32'      # 'bfloat16' on GPU/TPU; parameters stay float32
+  # 'auto': float32 on the CPU, bfloat16 on GPU/TPU (optisar_jax/platform.py); parameters, BatchNorm
+  # statistics, losses and the optimizer stay float32.
+  c.model.compute_dtype = 'auto'
+  c.model.cpu_forms = 'auto'             # XLA:CPU-tuned conv forms: 'auto' (CPU only), 'on', 'off'
+  # Weight gradients under bfloat16 compute: 'float32' produces them in float32 (optisar_jax/models/
+  # precision.py), so their cross-device sums are float32; 'compute' (opt-in, half the all-reduce bytes)
+  # lets XLA sum them in the compute dtype.
+  c.model.weight_grad_dtype = 'float32'
+  # BatchNorm (and PL-MoE balance-loss) statistics per group of this many consecutive images, as the
+  # reference's per-GPU statistics over 8 images; 0 = statistics of the whole global batch. Groups never
+  # straddle devices when the per-device batch is a multiple of it, so no BatchNorm all-reduce is needed.
+  c.model.bn_group_size = 8
   # Head (architecture.md section 7).
   c.model.embed_dim = 512                # region embedding / refined text width
   c.model.reg_max = 16

@@ -32,9 +32,11 @@ PROGRAMS = ('train', 'eval')
 _YNN_FUSION_TYPES = {'all': None, 'reduce': 'LIBRARY_FUSION_TYPE_REDUCE', 'none': ''}
 
 
-def compiler_options(config: ml_collections.ConfigDict, program: str) -> dict[str, str] | None:
+def compiler_options(config: ml_collections.ConfigDict, program: str, *, platform: str | None = None
+                     ) -> dict[str, str] | None:
   """`compiler_options` for `jax.jit` of `program` ('train' or 'eval') under `config.xla`, or None (XLA's
-  defaults) when the config says 'all' or the default backend is not the CPU."""
+  defaults) when the config says 'all' or the target `platform` (default: the default backend) is not
+  the CPU."""
   if program not in PROGRAMS:
     raise ValueError(f'compiler_options: program {program!r} is not one of {PROGRAMS}')
   key = f'cpu_ynnpack_{program}'
@@ -44,6 +46,6 @@ def compiler_options(config: ml_collections.ConfigDict, program: str) -> dict[st
   if choice not in _YNN_FUSION_TYPES:
     raise ValueError(f"config key 'xla.{key}': {choice!r} is not one of {sorted(_YNN_FUSION_TYPES)}")
   fusion_types = _YNN_FUSION_TYPES[choice]
-  if fusion_types is None or jax.default_backend() != 'cpu':
+  if fusion_types is None or (platform or jax.default_backend()) != 'cpu':
     return None
   return {'xla_cpu_experimental_ynn_fusion_type': fusion_types}

@@ -5,6 +5,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from optisar_jax.models.blocks import C2PSA, SPPF, C3k2, PSAAttention
@@ -112,3 +113,25 @@ def test_conv_within_patches_equals_zero_padded_convolution_of_each_patch():
     patches = normal(4, (6, ph, pw, 4))
     np.testing.assert_allclose(conv_within_patches(patches, kernel, jnp.float32), _lax_conv(patches, kernel),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_batchnorm_groups_normalise_each_group_of_images_on_its_own():
+  """model.bn_group_size: groups of consecutive images get their own statistics (= nnx.BatchNorm on each
+  group), the running statistics move to the mean over groups, and a batch that does not split into
+  groups is a one-line error naming the key."""
+  from flax import nnx as nnx_
+  from optisar_jax.models.layers import batch_norm
+  x = jax.random.normal(jax.random.PRNGKey(0), (8, 3, 3, 5)) * jnp.arange(1, 9.0)[:, None, None, None]
+  grouped = batch_norm(5, LayerOptions(bn_group_size=4), rngs=nnx_.Rngs(0))
+  y = grouped(x)
+  for g in range(2):
+    plain = nnx_.BatchNorm(5, momentum=0.97, epsilon=1e-3, rngs=nnx_.Rngs(0))
+    np.testing.assert_allclose(y[4 * g:4 * g + 4], plain(x[4 * g:4 * g + 4]), rtol=1e-5, atol=1e-5)
+  group_means = x.reshape(2, 4, 3, 3, 5).mean(axis=(1, 2, 3))
+  np.testing.assert_allclose(grouped.mean[...], 0.03 * group_means.mean(axis=0), rtol=1e-5, atol=1e-6)
+  whole = batch_norm(5, LayerOptions(bn_group_size=0), rngs=nnx_.Rngs(0))
+  everything = nnx_.BatchNorm(5, momentum=0.97, epsilon=1e-3, rngs=nnx_.Rngs(0))
+  np.testing.assert_allclose(whole(x), everything(x), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(grouped(x[:3]), whole(x[:3]), rtol=1e-5, atol=1e-5)   # smaller than a group
+  with pytest.raises(ValueError, match='model.bn_group_size'):
+    grouped(x[:6])

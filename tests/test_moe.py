@@ -109,7 +109,7 @@ def test_shared_lora_mixing_equals_explicit_per_expert_sum():
 
   h = lora(experts.conv1(patches), experts.lora1_a[...], experts.lora1_b[...])
   expected = lora(experts.conv2(h), experts.lora2_a[...], experts.lora2_b[...])
-  np.testing.assert_allclose(experts(patches, gates), expected, atol=1e-4)
+  np.testing.assert_allclose(experts(patches, gates, 1), expected, atol=1e-4)
 
 
 def test_plmoe_forward_and_reference_count():

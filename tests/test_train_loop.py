@@ -80,8 +80,14 @@ def _run_steps(config, mesh, batch, table, steps):
   return jax.device_get(state), history
 
 
-def test_one_device_and_eight_device_mesh_give_the_same_step(synthetic_tfds):
-  config = tiny_config(synthetic_tfds[1], 'model.tgdg.ssa_dropout=0.0', 'model.moe.noisy_gating=False')
+@pytest.mark.parametrize('bn_group_size,batch', [(8, 8), (2, 16)])
+def test_one_device_and_eight_device_mesh_give_the_same_step(synthetic_tfds, bn_group_size, batch):
+  """BatchNorm groups of 8 (the default) span the whole tiny batch of 8, so on 8 devices (one image each)
+  their statistics cross devices; groups of 2 in a batch of 16 live on one device each (no BatchNorm
+  all-reduce). Either way the numbers are those of one device: a group is a fixed set of images wherever
+  it runs (docs/scaling.md)."""
+  config = tiny_config(synthetic_tfds[1], 'model.tgdg.ssa_dropout=0.0', 'model.moe.noisy_gating=False',
+                       f'model.bn_group_size={bn_group_size}', f'train.batch_size={batch}')
   batch, table = _fixed_batch(config)
   one = jax.make_mesh((1, 1), ('data', 'fsdp'), axis_types=(jax.sharding.AxisType.Auto,) * 2,
                       devices=jax.devices()[:1])
@@ -98,6 +104,39 @@ def test_one_device_and_eight_device_mesh_give_the_same_step(synthetic_tfds):
     np.testing.assert_allclose(m1['grad_norm'], m8['grad_norm'], rtol=2e-2)
   for x, y in zip(jax.tree.leaves(state1['params']), jax.tree.leaves(state8['params'])):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=2 * config.optim.lr)
+
+
+def test_bfloat16_training_tracks_float32(synthetic_tfds):
+  """The tiny config trained in bf16 compute (the accelerator forms: cpu_forms off, float32 weight
+  gradients) against float32, fitting one batch for 6 steps.
+
+  Tolerance, derived: at step 1 the losses differ only by the forward pass's rounding; every layer rounds
+  its output to bf16 (unit roundoff u = 2^-8) and the loss, a mean over thousands of anchors, keeps at
+  most the systematic part: |L_bf16 - L_f32| <= 2u L (measured 2e-3 relative). Each later step adds the
+  effect of the weights having moved differently: the bf16 update differs from the float32 one by at most
+  its own size (Adam's updates are bounded by the learning rate either way), so to first order the loss
+  difference grows by at most float32's own loss change at that step:
+  |L_bf16(t) - L_f32(t)| <= 2u L_f32(t) + sum_{s<t} |L_f32(s+1) - L_f32(s)|  (measured at most 1/3 of it).
+  Beyond a few steps the assigner's top-k and the MoE's top-2, both discrete, make the runs drift apart
+  like two seeds, so the test stops at 6.
+  """
+  u = 2.0 ** -8
+  one = jax.make_mesh((1, 1), ('data', 'fsdp'), axis_types=(jax.sharding.AxisType.Auto,) * 2,
+                      devices=jax.devices()[:1])
+  runs = {}
+  for dtype in ('float32', 'bfloat16'):
+    config = tiny_config(synthetic_tfds[1], 'optim.lr=0.004', 'optim.warmup_min_steps=1',
+                         'model.tgdg.ssa_dropout=0.0', 'model.moe.noisy_gating=False',
+                         f'model.compute_dtype={dtype}', 'model.cpu_forms=off')
+    batch, table = _fixed_batch(config)
+    _, history = _run_steps(config, one, batch, table, 6)
+    runs[dtype] = np.array([float(h['loss']) for h in history])
+  f32, bf16 = runs['float32'], runs['bfloat16']
+  assert abs(bf16[0] - f32[0]) <= 2 * u * f32[0], (bf16[0], f32[0])
+  drift = np.concatenate([[0.0], np.cumsum(np.abs(np.diff(f32)))])
+  bound = 2 * u * f32 + drift
+  assert np.all(np.abs(bf16 - f32) <= bound), (bf16, f32, bound)
+  assert bf16[-1] < bf16[0] and f32[-1] < f32[0]
 
 
 def test_loss_falls_when_fitting_one_batch(synthetic_tfds):

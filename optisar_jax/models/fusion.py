@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 
 from optisar_jax.models.blocks import Bottleneck
-from optisar_jax.models.layers import Conv, LayerOptions, layer_norm, linear, require_rngs
+from optisar_jax.models.layers import Conv, LayerOptions, layer_norm, linear, project, require_rngs
 
 
 @functools.lru_cache(maxsize=None)
@@ -154,17 +154,22 @@ class GatedMaxSigmoidAttn(nnx.Module):
     attn = 1.0 + self.weight_gate[...] * (jax.nn.sigmoid(scores) - 1.0)      # (B,H,W,nh)
     xp_heads = xp.reshape(b, h, w, self.num_heads, -1)
     xa = xp_heads * attn[..., None].astype(xp.dtype)
-    fg = self.feature_gate[...].astype(xp.dtype)[:, None]
-    return (xp_heads + fg * (xa - xp_heads)).reshape(b, h, w, c)
+    # The gate multiplies in float32 (fused, no extra traffic) so its gradient is summed in float32.
+    gated = (self.feature_gate[...][:, None] * (xa - xp_heads).astype(jnp.float32)).astype(xp.dtype)
+    return (xp_heads + gated).reshape(b, h, w, c)
 
   def __call__(self, x: jax.Array, text: jax.Array) -> jax.Array:
     return self.fuse(*self.visual(x), text)
 
 
 def _kernel_matrix(conv: Conv) -> tuple[jax.Array, Any]:
-  """A 1x1 Conv's kernel as a (C_in, C_out) matrix in its compute dtype, and that dtype."""
-  dtype = conv.conv.dtype or jnp.float32
-  return conv.conv.kernel[...][0, 0].astype(dtype), dtype
+  """A 1x1 Conv's kernel as a (C_in, C_out) matrix (its float32 parameter) and the conv's compute dtype."""
+  return conv.conv.kernel[...][0, 0], conv.conv.dtype or jnp.float32
+
+
+def _project(conv: Conv, x: jax.Array, kernel: jax.Array, dtype: Any) -> jax.Array:
+  """x (..., cin) @ rows of `conv`'s kernel matrix, with the conv's weight-gradient precision."""
+  return project(x, kernel, dtype, getattr(conv.conv, 'f32_weight_grads', False))
 
 
 class TGDFSSA(nnx.Module):
@@ -195,14 +200,13 @@ class TGDFSSA(nnx.Module):
     source, _, _ = ssa_indices(x.shape[-1], self.ssa.groups)
     kernel, dtype = _kernel_matrix(self.cv1)
     scaled = x * self.ssa.scale(x, rngs=rngs)[:, None, None].astype(x.dtype)
-    y = self.cv1.normalize(jnp.einsum('...c,cd->...d', scaled.astype(dtype), kernel[np.argsort(source)]))
+    y = self.cv1.normalize(_project(self.cv1, scaled, kernel[np.argsort(source)], dtype))
     ys = [y[..., :self.c], y[..., self.c:]]
     for block in self.m:
       ys.append(block(ys[-1]))
     kernel, dtype = _kernel_matrix(self.cv2)
     visual_channels = (2 + len(self.m)) * self.c
-    partial = jnp.einsum('...c,cd->...d', jnp.concatenate(ys, axis=-1).astype(dtype),
-                         kernel[:visual_channels])
+    partial = _project(self.cv2, jnp.concatenate(ys, axis=-1), kernel[:visual_channels], dtype)
     return (partial, *self.attn.visual(ys[-1]))
 
   def fuse(self, visual: tuple[jax.Array, jax.Array, jax.Array], text: jax.Array) -> jax.Array:
@@ -211,7 +215,7 @@ class TGDFSSA(nnx.Module):
     partial, embed, xp = visual
     kernel, dtype = _kernel_matrix(self.cv2)
     y_att = self.attn.fuse(embed, xp, text).astype(dtype)
-    out = partial + jnp.einsum('...c,cd->...d', y_att, kernel[(2 + len(self.m)) * self.c:])
+    out = partial + _project(self.cv2, y_att, kernel[(2 + len(self.m)) * self.c:], dtype)
     return self.cv2.normalize(out)
 
   def __call__(self, x: jax.Array, text: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:

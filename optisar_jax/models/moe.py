@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from optisar_jax.models import precision
 from optisar_jax.models.layers import (Conv, LayerOptions, batch_norm, constant_init, conv2d, conv_within_patches,
                                        linear, normal_init, require_rngs, uniform_init)
 
@@ -109,13 +110,21 @@ class CosineTopKGate(nnx.Module):
     return gates, router_prob, dispatch
 
 
-def balance_loss(router_prob: jax.Array, dispatch: jax.Array, loss_coef: float) -> jax.Array:
+def balance_loss(router_prob: jax.Array, dispatch: jax.Array, loss_coef: float, *, groups: int = 1
+                 ) -> jax.Array:
   """coef * E * sum_e f_e P_e; f_e = share of patches dispatched to e (no gradient), P_e = mean router
-  probability. Uniform routing gives coef * top_k, the minimum."""
+  probability. Uniform routing gives coef * top_k, the minimum.
+
+  router_prob, dispatch: (P, E), patches in image-major order. With `groups` > 1 the patches split into
+  that many consecutive groups (of whole images), the loss is computed per group and averaged: the
+  reference computes it per GPU (8 images) and averages over GPUs through the gradient all-reduce.
+  """
   num_experts = router_prob.shape[-1]
-  f = jax.lax.stop_gradient(dispatch.mean(axis=0))
-  p = router_prob.mean(axis=0)
-  return loss_coef * num_experts * jnp.sum(f * p)
+  router_prob = router_prob.reshape(groups, -1, num_experts)
+  dispatch = dispatch.reshape(groups, -1, num_experts)
+  f = jax.lax.stop_gradient(dispatch.mean(axis=1))
+  p = router_prob.mean(axis=1)
+  return loss_coef * num_experts * jnp.mean(jnp.sum(f * p, axis=-1))
 
 
 # ----------------------------------------------------------------------------------------- experts
@@ -138,28 +147,38 @@ class SharedLoRAExperts(nnx.Module):
     self.lora2_a = nnx.Param(uniform_init(1 / math.sqrt(c * rank))(rngs.params(), (num_experts, c, rank)))
     self.lora2_b = nnx.Param(jnp.zeros((num_experts, rank, c)))
     self.lora_scale = nnx.Param(jnp.full((1,), lora_scale_init))
+    self.f32_weight_grads = opts.f32_weight_grads
 
   def _lora(self, x: jax.Array, gates: jax.Array, a: nnx.Param, b: nnx.Param) -> jax.Array:
     """x + s * M_p x per pixel, M_p = sum_e G[p,e] A_e B_e (C,C), kept low rank: every pixel is projected
     by each expert's B_e (rank r), scaled by the patch's gates and mapped back by A_e; the (C,C) deltas
     and their per-patch mixtures are never formed (the same sum in another order)."""
     dtype = x.dtype
+    if self.f32_weight_grads:   # float32 gradients for A, B and s (layers.LayerOptions.f32_weight_grads)
+      low = precision.einsum('pxyd,erd->pxyer', x, b[...], dtype=dtype)      # (P,ph,pw,E,r)
+      low = low * gates.astype(dtype)[:, None, None, :, None]
+      mixed = precision.einsum('pxyer,ecr->pxyc', low, a[...], dtype=dtype)
+      return x + (self.lora_scale[...] * mixed.astype(jnp.float32)).astype(dtype)
     low = jnp.einsum('pxyd,erd->pxyer', x, b[...].astype(dtype))            # (P,ph,pw,E,r)
     low = low * gates.astype(dtype)[:, None, None, :, None]
     mixed = jnp.einsum('pxyer,ecr->pxyc', low, a[...].astype(dtype))
     return x + self.lora_scale[...].astype(dtype) * mixed
 
-  def _conv(self, conv: Conv, patches: jax.Array) -> jax.Array:
-    """Conv+BN(+SiLU) of every patch on its own (zero padding at patch borders)."""
+  def _conv(self, conv: Conv, patches: jax.Array, batch: int) -> jax.Array:
+    """Conv+BN(+SiLU) of every patch on its own (zero padding at patch borders). The BatchNorm sees the
+    patches as (batch, patches per image, ph, pw, C), so its statistic groups are groups of images."""
     _, ph, pw, _ = patches.shape
     if ph * pw <= MATMUL_PATCH_PIXELS:
-      y = conv_within_patches(patches, conv.conv.kernel[...], conv.conv.dtype or patches.dtype)
-      return conv.normalize(y)
-    return conv(patches)
+      y = conv_within_patches(patches, conv.conv.kernel[...], conv.conv.dtype or patches.dtype,
+                              self.f32_weight_grads)
+    else:
+      y = conv.conv(patches)
+    return conv.normalize(y.reshape(batch, -1, *y.shape[1:])).reshape(y.shape)
 
-  def __call__(self, patches: jax.Array, gates: jax.Array) -> jax.Array:
-    h = self._lora(self._conv(self.conv1, patches), gates, self.lora1_a, self.lora1_b)
-    return self._lora(self._conv(self.conv2, h), gates, self.lora2_a, self.lora2_b)
+  def __call__(self, patches: jax.Array, gates: jax.Array, batch: int) -> jax.Array:
+    """patches (P = batch * patches per image, ph, pw, c) in image-major order, gates (P, E)."""
+    h = self._lora(self._conv(self.conv1, patches, batch), gates, self.lora1_a, self.lora1_b)
+    return self._lora(self._conv(self.conv2, h, batch), gates, self.lora2_a, self.lora2_b)
 
 
 class PatchMoE(nnx.Module):
@@ -175,6 +194,7 @@ class PatchMoE(nnx.Module):
                                rngs=rngs)
     self.experts = SharedLoRAExperts(c, int(moe_config.num_experts), int(moe_config.rank),
                                      lora_scale_init=float(moe_config.lora_scale_init), opts=opts, rngs=rngs)
+    self.group_size = opts.bn_group_size
 
   def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None = None) -> tuple[jax.Array, jax.Array]:
     b, h, w, _ = x.shape
@@ -182,8 +202,9 @@ class PatchMoE(nnx.Module):
     pw = patch_size_for(w, self.target_patches, self.min_patch, self.max_patch)
     patches = partition_patches(x, ph, pw)
     gates, router_prob, dispatch = self.gate(patches.mean(axis=(1, 2)), rngs=rngs)
-    out = unpartition_patches(self.experts(patches, gates), b, h, w)
-    return out, balance_loss(router_prob, dispatch, self.loss_coef)
+    out = unpartition_patches(self.experts(patches, gates, b), b, h, w)
+    groups = b // self.group_size if 0 < self.group_size < b else 1
+    return out, balance_loss(router_prob, dispatch, self.loss_coef, groups=groups)
 
 
 # --------------------------------------------------------------------------------------------- DAA
@@ -194,8 +215,8 @@ class DualAdaptiveAttention(nnx.Module):
 
   def __init__(self, c: int, reduction: int, *, opts: LayerOptions, rngs: nnx.Rngs):
     mid = c // reduction
-    self.fc1 = linear(c, mid, dtype=opts.dtype, rngs=rngs)
-    self.fc2 = linear(mid, c, dtype=opts.dtype, rngs=rngs)
+    self.fc1 = linear(c, mid, dtype=opts.dtype, f32_weight_grads=opts.f32_weight_grads, rngs=rngs)
+    self.fc2 = linear(mid, c, dtype=opts.dtype, f32_weight_grads=opts.f32_weight_grads, rngs=rngs)
     self.sa_conv1 = conv2d(c, mid, 1, use_bias=True, opts=opts, rngs=rngs)
     self.sa_bn = batch_norm(mid, opts, rngs=rngs)
     self.sa_conv2 = conv2d(mid, 1, 1, use_bias=True, opts=opts, rngs=rngs)

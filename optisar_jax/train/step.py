@@ -12,12 +12,17 @@
 in/out shardings and the state donated (see `jit_train_step`). Randomness (SSA dropout, MoE gate noise)
 comes from `fold_in(rng, state['step'])`, so a resumed run draws exactly what an uninterrupted one draws.
 
-BatchNorm under sharding: the batch axis is sharded over the mesh's data axes and the model computes the
-mean/variance over the whole (global) batch, so XLA inserts the cross-device reductions: the statistics
-are those of the global batch (SyncBN), the same for any device count. The reference uses per-GPU
-statistics over 8 images; with a global batch of 64 this changes the statistics slightly (deviation).
-There is deliberately no per-device option: it would make the trained weights depend on how many
-devices a run had, and runs here must give the same result on 1 device, 8 devices or 2 hosts (tested).
+BatchNorm under sharding: the statistics are those of fixed groups of `model.bn_group_size` consecutive
+images of the global batch (8, the reference's images per GPU; `layers.BatchNorm`), and the PL-MoE
+balance loss is averaged over the same groups. A group is the same set of images on any device count,
+so the numbers do not depend on how many devices a run has (tested: 1 vs 8 devices); when the per-device
+batch is a multiple of the group, XLA needs no cross-device reduction for them. `bn_group_size = 0`
+takes the statistics of the whole global batch (SyncBN; XLA then all-reduces every BatchNorm).
+
+Mixed precision: under `model.compute_dtype` bfloat16 (the 'auto' default on GPU/TPU) the float32 master
+weights are cast inside the step. BatchNorm computes in float32. The gradients of the convolution and
+dense kernels are bfloat16 where XLA sums them across devices: the partitioner places the sum after the
+cast back to the weights' compute dtype (docs/scaling.md has the measurement and the way out).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import optax
 from flax import nnx
 
 from optisar_jax import compile_options
+from optisar_jax import platform as platform_lib
 from optisar_jax.grounding import GroundingModel
 from optisar_jax.models import box_ops
 from optisar_jax.train import ema as ema_lib
@@ -145,7 +151,7 @@ def make_train_step(config: ml_collections.ConfigDict, train_graphdef, tx: optax
   loss_config = config.loss
   skip_nonfinite = config.train.nonfinite == 'skip'
   ema_decay, ema_tau = config.train.ema_decay, config.train.ema_tau
-  compute_dtype = jnp.dtype(config.model.compute_dtype)
+  compute_dtype = jnp.dtype(platform_lib.compute_dtype(config.model))
 
   def train_step(state: TrainState, batch: dict[str, jax.Array], text_table: jax.Array, rng: jax.Array):
     step_rng = jax.random.fold_in(rng, state['step'])
