@@ -44,8 +44,21 @@ def _pure(state) -> dict:
   return state.to_pure_dict() if hasattr(state, 'to_pure_dict') else state
 
 
-def write_export(workdir: str, output_dir: str, *, use_ema: bool = True) -> str:
-  """Exports the newest checkpoint of a training workdir to `output_dir`; returns the path."""
+PLATFORMS = ('cpu', 'cuda', 'tpu')
+
+
+def write_export(workdir: str, output_dir: str, *, use_ema: bool = True,
+                 platforms: Sequence[str] = PLATFORMS) -> str:
+  """Exports the newest checkpoint of a training workdir to `output_dir`; returns the path.
+
+  The functions are traced once and lowered for every platform in `platforms` (by default CPU, CUDA and
+  TPU), so an export written on one serves on the others; the platform-independent StableHLO carries
+  the model as this host's config resolves it (docs/scaling.md).
+  """
+  platforms = tuple(dict.fromkeys(str(p).lower() for p in platforms))
+  unknown = [p for p in platforms if p not in ('cpu', 'cuda', 'rocm', 'tpu')]
+  if unknown or not platforms:
+    raise ValueError(f'--platforms {",".join(platforms)}: expected some of cpu, cuda, rocm, tpu')
   import orbax.checkpoint as ocp
   from flax import nnx
   from jax import export as jax_export
@@ -78,7 +91,7 @@ def write_export(workdir: str, output_dir: str, *, use_ema: bool = True) -> str:
   size = int(config.data.imgsz)
   n, q = jax_export.symbolic_shape('n, q')
   weight_specs = [jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype) for x in leaves]
-  exported_predict = jax_export.export(jax.jit(predict))(
+  exported_predict = jax_export.export(jax.jit(predict), platforms=platforms)(
       weight_specs, jax.ShapeDtypeStruct((n, size, size, 3), jnp.uint8),
       jax.ShapeDtypeStruct((n, q, int(config.text.dim)), jnp.float32))
   exported_embed = None
@@ -88,7 +101,7 @@ def write_export(workdir: str, output_dir: str, *, use_ema: bool = True) -> str:
     def embed(flat, tokens):
       return nnx.merge(eval_graphdef, *states(flat), copy=True).text_tower(tokens)
 
-    exported_embed = jax_export.export(jax.jit(embed))(
+    exported_embed = jax_export.export(jax.jit(embed), platforms=platforms)(
         weight_specs, jax.ShapeDtypeStruct((t, int(config.text.tower.context_length)), jnp.int32))
 
   parent = os.path.dirname(os.path.abspath(output_dir))
@@ -118,7 +131,7 @@ def write_export(workdir: str, output_dir: str, *, use_ema: bool = True) -> str:
             'text_encoder_identity': cache_identity,
             'context_length': int(config.text.tower.context_length),
             'conf_threshold': float(config.eval.conf_threshold),
-            'weight_paths': leaf_paths}
+            'platforms': list(platforms), 'weight_paths': leaf_paths}
     with open(os.path.join(tmp, EXPORT_FILE), 'w') as f:
       json.dump(meta, f, indent=2, sort_keys=True)
     os.replace(tmp, output_dir)
@@ -162,6 +175,11 @@ class ExportedGrounder:
   @property
   def imgsz(self) -> int:
     return int(self.meta['imgsz'])
+
+  @property
+  def platforms(self) -> tuple[str, ...]:
+    """The platforms the functions were lowered for (any of them may run this export)."""
+    return tuple(self._predict.platforms)
 
   def predict(self, images: np.ndarray, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """images uint8 (N,S,S,3) letterboxed, queries (N,Q,D) unit vectors -> canvas xyxy (N,Q,4), scores."""

@@ -1,6 +1,6 @@
 """Exports a trained workdir for serving: Orbax inference state + serialized jax.export functions.
 
-  python scripts/export.py --workdir W --output DIR [--no_ema]
+  python scripts/export.py --workdir W --output DIR [--no_ema] [--platforms cpu,cuda,tpu]
 
 Load it with `optisar_jax.export.load_export(DIR)` (no training code needed).
 """
@@ -19,9 +19,12 @@ def main() -> int:
   parser.add_argument('--workdir', required=True, help='training workdir')
   parser.add_argument('--output', required=True, help='export directory to create')
   parser.add_argument('--no_ema', action='store_true', help='export the raw, not EMA, weights')
+  parser.add_argument('--platforms', default='cpu,cuda,tpu',
+                      help='comma-separated platforms to lower for (the export serves on any of them)')
   args = parser.parse_args()
   from optisar_jax import export
-  path = export.write_export(args.workdir, args.output, use_ema=not args.no_ema)
+  platforms = [p.strip() for p in args.platforms.split(',') if p.strip()]
+  path = export.write_export(args.workdir, args.output, use_ema=not args.no_ema, platforms=platforms)
   print(f'wrote {path}')
   return 0
 

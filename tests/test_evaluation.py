@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import ml_collections
@@ -156,6 +158,26 @@ def test_export_gives_the_in_process_outputs(trained_tiny, tmp_path):
   np.testing.assert_allclose(exported.embed(['the bridge']), vectors[2:3], atol=1e-6)
   with pytest.raises(FileExistsError):
     export.write_export(workdir, path)
+  # Lowered for CPU, CUDA and TPU: the same file serves on each. A fresh Python process that imports
+  # only the loader (no model, training or flax code) gives the in-process outputs on this CPU.
+  assert exported.platforms == ('cpu', 'cuda', 'tpu')
+  inputs, outputs = str(tmp_path / 'inputs.npz'), str(tmp_path / 'outputs.npz')
+  np.savez(inputs, images=images, queries=queries)
+  code = (
+      'import sys, numpy as np\n'
+      'from optisar_jax.export import load_export\n'
+      f'e = load_export({path!r})\n'
+      f'd = np.load({inputs!r})\n'
+      "boxes, scores = e.predict(d['images'], d['queries'])\n"
+      "loaded = [m for m in sys.modules if m.startswith(('optisar_jax.models', 'optisar_jax.train', 'flax'))]\n"
+      f"np.savez({outputs!r}, boxes=boxes, scores=scores, loaded=np.array(loaded, dtype=str))\n")
+  subprocess.run([sys.executable, '-c', code], check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+  fresh = np.load(outputs)
+  assert list(fresh['loaded']) == []
+  np.testing.assert_allclose(fresh['boxes'], boxes, rtol=1e-5, atol=1e-3)
+  np.testing.assert_allclose(fresh['scores'], scores, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match='--platforms'):
+    export.write_export(workdir, str(tmp_path / 'bad'), platforms=('gpu-ish',))
 
 
 @pytest.fixture(scope='module')

@@ -203,7 +203,9 @@ class PatchMoE(nnx.Module):
     patches = partition_patches(x, ph, pw)
     gates, router_prob, dispatch = self.gate(patches.mean(axis=(1, 2)), rngs=rngs)
     out = unpartition_patches(self.experts(patches, gates, b), b, h, w)
-    groups = b // self.group_size if 0 < self.group_size < b else 1
+    # Groups of whole images, as BatchNorm's; a symbolic batch (jax.export of inference, where the loss is
+    # unused) is one group.
+    groups = b // self.group_size if isinstance(b, int) and 0 < self.group_size < b else 1
     return out, balance_loss(router_prob, dispatch, self.loss_coef, groups=groups)
 
 
