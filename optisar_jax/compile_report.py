@@ -52,7 +52,8 @@ PROGRAMS = ('train_step', 'predict')
 
 # HBM per chip (bytes) by the device_kind the topology reports.
 HBM_BYTES = {
-    'TPU v4': 32 * 2**30,
+    'TPU v4': 16 * 2**30,      # per device: libtpu's v4 topologies give one device per TensorCore (2 per
+                               # 32 GiB chip, no megacore), so v4:2x2x4 (v4-32) has 32 devices
     'TPU v5 lite': 16 * 2**30,
     'TPU v5': 95 * 2**30,
     'TPU v5p': 95 * 2**30,
