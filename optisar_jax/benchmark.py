@@ -16,7 +16,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from optisar_jax import compile_options
+from optisar_jax.runtime import compile_options
 
 
 def cost_gflops(compiled) -> float | None:
@@ -191,7 +191,7 @@ def bench_train_step(config, config_name: str, batch: int, imgsz: int, *, warmup
   its own copy of the state, alternating in this process."""
   import jax.numpy as jnp
   from optisar_jax.train import optimizer as optimizer_lib
-  from optisar_jax.train import sharding as sharding_lib
+  from optisar_jax.runtime import sharding as sharding_lib
   from optisar_jax.train import step as step_lib
   config.data.imgsz = imgsz
   config.train.batch_size = batch
@@ -260,7 +260,7 @@ def _synthetic_source(config, num_images: int, split: str):
   import shutil
   import tempfile
   from optisar_jax.data import build_tfds, make_synthetic_dataset
-  from optisar_jax.train.loop import open_source
+  from optisar_jax.data.sources import open_source
   root = tempfile.mkdtemp(prefix='optisar-bench-')
   atexit.register(shutil.rmtree, root, ignore_errors=True)   # a measurement's scratch data, not a result
   make_synthetic_dataset(f'{root}/raw', format='optsar', num_images=num_images, seed=0)
@@ -278,7 +278,7 @@ def bench_evaluate(config, config_name: str, batch: int, imgsz: int, *, warmup: 
   import ml_collections
   from optisar_jax import evaluation
   from optisar_jax.data import pipeline
-  from optisar_jax.train import texts as texts_lib
+  from optisar_jax.text import run_texts as texts_lib
   del unused
   config.data.imgsz = imgsz
   if batch != int(config.eval.batch_size):
@@ -324,16 +324,15 @@ def bench_input(config, config_name: str, batch: int, imgsz: int, *, warmup: int
                 num_images: int = 64, source=None, **unused) -> dict[str, Any]:
   """Training input pipeline (decode, mosaic, affine, HSV, flip, text slots) in images/s."""
   import time as time_lib
-  from optisar_jax.data import pipeline
+  from optisar_jax.data import pipeline, sources
   from optisar_jax.data.vocabulary import build_vocabulary
-  from optisar_jax.train import texts as texts_lib
   del unused
   config.data.imgsz = imgsz
   config.train.batch_size = batch
   config.train.num_steps = 10 ** 6
   if source is None:
     source = _synthetic_source(config, num_images, 'train')
-  captions, names = texts_lib.training_captions(source)
+  captions, names = sources.training_captions(source)
   vocabulary = build_vocabulary(captions, names, config.data)
   dataset = pipeline.make_train_dataset(source, config, vocabulary)
   iterator = dataset.iterator(0)

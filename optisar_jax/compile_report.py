@@ -110,7 +110,7 @@ def make_topology_mesh(devices: Sequence, shape: Sequence[int], axes: Sequence[s
   With several slices the devices are ordered slice-major, so the leading (data) axis spans the slices
   (its collectives cross DCN) and the others stay inside a slice.
   """
-  from optisar_jax.train import sharding as sharding_lib
+  from optisar_jax.runtime import sharding as sharding_lib
   devices = sorted(devices, key=lambda d: (slice_of(d), d.id))
   shape = sharding_lib._resolve_shape(shape, axes, len(devices))
   num_slices = len({slice_of(d) for d in devices})
@@ -291,14 +291,15 @@ def _text_table(config, vocab_size: int, sharding):
 
 def lower_train_step(config, mesh, global_batch: int, vocab_size: int):
   """The jitted train step lowered with abstract state, batch and text table on `mesh`."""
-  from optisar_jax import compile_options
+  from optisar_jax import grounding
+  from optisar_jax.runtime import compile_options
+  from optisar_jax.runtime import sharding as sharding_lib
   from optisar_jax.train import optimizer as optimizer_lib
-  from optisar_jax.train import sharding as sharding_lib
   from optisar_jax.train import step as step_lib
   rules = tuple(tuple(rule) for rule in config.mesh.sharding_rules)
-  model = step_lib.abstract_model(config)
+  model = grounding.abstract_model(config)
   tx = optimizer_lib.make_optimizer(config.optim, steps_per_epoch=1000, total_steps=300_000, params_tree=model)
-  train_def, _ = step_lib.graphdefs_of(model)
+  train_def, _ = grounding.graphdefs_of(model)
   abstract = step_lib.abstract_state(model, tx)
   shardings = sharding_lib.param_shardings(mesh, abstract, rules)
   state = sharding_lib.abstract_with_shardings(abstract, shardings)
@@ -329,11 +330,10 @@ def state_bytes(state) -> dict:
 def lower_predict(config, mesh, per_chip_images: int):
   """The packed evaluation predict of `per_chip_images` image slots and the config's query slots per chip
   (scaled like the images), lowered on `mesh` with the EMA-shaped weights replicated."""
-  from optisar_jax import compile_options, evaluation
-  from optisar_jax.train import sharding as sharding_lib
-  from optisar_jax.train import step as step_lib
-  model = step_lib.abstract_model(config)
-  _, eval_def = step_lib.graphdefs_of(model)
+  from optisar_jax import evaluation, grounding
+  from optisar_jax.runtime import sharding as sharding_lib
+  model = grounding.abstract_model(config)
+  _, eval_def = grounding.graphdefs_of(model)
   from flax import nnx
   _, params, rest = nnx.split(model, nnx.Param, ...)
   replicated = sharding_lib.replicated(mesh)

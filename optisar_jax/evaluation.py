@@ -35,15 +35,15 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from optisar_jax import compile_options
+from optisar_jax.runtime import compile_options
+from optisar_jax import grounding
 from optisar_jax import metrics as metrics_lib
 from optisar_jax import predictions as predictions_lib
 from optisar_jax.data import pipeline
 from optisar_jax.models import box_ops
-from optisar_jax.train import distributed
-from optisar_jax.train import sharding as sharding_lib
-from optisar_jax.train import step as step_lib
-from optisar_jax.train import texts as texts_lib
+from optisar_jax.runtime import distributed
+from optisar_jax.runtime import sharding as sharding_lib
+from optisar_jax.text import run_texts as texts_lib
 
 TEXT_CHUNK = 64  # rows per text-tower call: fixed, so a string's vector never depends on its neighbours
 
@@ -66,7 +66,7 @@ def make_predict_fn(config: ml_collections.ConfigDict, eval_graphdef):
   pixels of the letterboxed canvas; scores are sigmoid match probabilities of the top-1 anchor of each
   query. Only the winning anchor's box is decoded.
   """
-  points, strides = step_lib.anchors_for(config)
+  points, strides = grounding.anchors_for(config)
 
   def predict(params, rest, images, queries):
     model = nnx.merge(eval_graphdef, params, rest, copy=True)
@@ -84,7 +84,7 @@ def make_packed_predict_fn(config: ml_collections.ConfigDict, eval_graphdef, blo
   Query j of block g reads the image context of image slot owner[g*m + j] (0..n-1) of the same block, so
   when the leading axes are split over G devices the gather stays on each device.
   """
-  points, strides = step_lib.anchors_for(config)
+  points, strides = grounding.anchors_for(config)
 
   def predict(params, rest, images, queries, owner):
     model = nnx.merge(eval_graphdef, params, rest, copy=True)
@@ -198,7 +198,7 @@ class Grounder:
     self.params = jax.device_put(params, self.replicated)
     self.rest = jax.device_put(rest, self.replicated)
     if eval_graphdef is None:
-      _, eval_graphdef = step_lib.graphdefs(config)
+      _, eval_graphdef = grounding.graphdefs(config)
     self._graphdef = eval_graphdef
     self._predict = jax.jit(make_packed_predict_fn(config, eval_graphdef, self.mesh.size),
                             in_shardings=(self.replicated, self.replicated, self.batch_sharding,
@@ -351,7 +351,7 @@ def write_outputs(metrics: dict, results: Sequence[QueryResult], *, output: str 
 def evaluate_split(grounder: Grounder, config: ml_collections.ConfigDict, split: str, *,
                    progress: bool = True) -> tuple[dict, list[QueryResult], list[dict]]:
   """(metrics, per-query results, examples) of `split` of the config's TFDS dataset."""
-  from optisar_jax.train.loop import open_source
+  from optisar_jax.data.sources import open_source
   source = open_source(config, split)
   names = list(source.dataset_info.features['objects']['category'].names)
   examples = list(pipeline.make_eval_examples(source, int(config.data.imgsz),
@@ -403,24 +403,30 @@ def _tuples(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 def restore_weights(config: ml_collections.ConfigDict, workdir: str, *, use_ema: bool = True,
                     best: bool = False):
   """(params, rest, step, eval graphdef) of the newest (or best) checkpoint in WORKDIR, on this process's
-  first device."""
-  from optisar_jax.train import checkpoint as checkpoint_lib
-  from optisar_jax.train import optimizer as optimizer_lib
+  first device. Only the weights are read (the EMA, or the live weights with `use_ema=False`): an Orbax
+  partial restore that leaves the optimizer state on disk."""
+  from flax import nnx
+  from optisar_jax.runtime import checkpoint as checkpoint_lib
   checkpointer = checkpoint_lib.TrainCheckpointer.from_config(workdir, config, async_save=False)
   step = checkpointer.best_step() if best else checkpointer.latest_step()
   if step is None:
+    checkpointer.close()
     raise FileNotFoundError(f'{checkpointer.best_directory if best else checkpointer.directory}: '
                             'no checkpoint found')
-  # The optimizer state's structure does not depend on the schedule lengths.
-  model = step_lib.abstract_model(config)
-  tx = optimizer_lib.make_optimizer(config.optim, steps_per_epoch=1, total_steps=1, params_tree=model)
-  abstract = step_lib.abstract_state(model, tx)
+  model = grounding.abstract_model(config)
+  _, params, rest = nnx.split(model, nnx.Param, ...)
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
-  state, _ = (checkpointer.restore_best(abstract) if best else checkpointer.restore(step, abstract))
+  weights = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                         {'params': params, 'rest': rest})
+  target = {'step': jax.ShapeDtypeStruct((), jnp.int32, sharding=device)}
+  if use_ema:
+    target['ema'] = weights
+  else:
+    target.update(weights)
+  state = checkpointer.restore_subtree(target, step=step, best=best)
   checkpointer.close()
-  weights = state['ema'] if use_ema else {'params': state['params'], 'rest': state['rest']}
-  return weights['params'], weights['rest'], int(jax.device_get(state['step'])), step_lib.graphdefs_of(model)[1]
+  weights = state['ema'] if use_ema else state
+  return weights['params'], weights['rest'], int(jax.device_get(state['step'])), grounding.graphdefs_of(model)[1]
 
 
 def load_grounder(workdir: str, *, use_ema: bool = True, best: bool = False,

@@ -64,7 +64,7 @@ def write_export(workdir: str, output_dir: str, *, use_ema: bool = True,
   from jax import export as jax_export
 
   from optisar_jax import evaluation
-  from optisar_jax.train import texts as texts_lib
+  from optisar_jax.text import run_texts as texts_lib
 
   config = evaluation.load_config_from_workdir(workdir)
   params, rest, step, eval_graphdef = evaluation.restore_weights(config, workdir, use_ema=use_ema)

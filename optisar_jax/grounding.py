@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 import ml_collections
 
+from optisar_jax.models import box_ops
 from optisar_jax.models.detector import OptiSARNet
 
 
@@ -46,3 +47,29 @@ class GroundingModel(nnx.Module):
 
   def __call__(self, images: jax.Array, text_embeddings: jax.Array, *, rngs: nnx.Rngs | None = None):
     return self.detector(images, text_embeddings, rngs=rngs)
+
+
+def abstract_model(config: ml_collections.ConfigDict) -> GroundingModel:
+  """The model with ShapeDtypeStruct leaves (no FLOPs, no memory)."""
+  return nnx.eval_shape(lambda: GroundingModel(config, rngs=nnx.Rngs(config.seed)))
+
+
+def graphdefs_of(model: GroundingModel):
+  """(train graphdef, eval graphdef): the static structure of the model in each mode."""
+  model.train()
+  train_def = nnx.split(model, nnx.Param, ...)[0]
+  model.eval()
+  eval_def = nnx.split(model, nnx.Param, ...)[0]
+  return train_def, eval_def
+
+
+def graphdefs(config: ml_collections.ConfigDict):
+  """`graphdefs_of` an abstract model of the config."""
+  return graphdefs_of(abstract_model(config))
+
+
+def anchors_for(config: ml_collections.ConfigDict):
+  """Anchor points (A, 2) in grid units and strides (A, 1) for the config's square input size."""
+  size = config.data.imgsz
+  feature_sizes = [(size // s, size // s) for s in config.model.strides]
+  return box_ops.make_anchors(feature_sizes, config.model.strides)

@@ -14,7 +14,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from optisar_jax.data import release  # noqa: E402
+from optisar_jax.data import release, sources  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -25,7 +25,7 @@ def main(argv=None) -> int:
   parser.add_argument('--overwrite', action='store_true', help='rebuild even if a complete build exists')
   args = parser.parse_args(argv)
   try:
-    path = release.build_tfds(args.dataset, args.manual_dir, args.data_dir, overwrite=args.overwrite)
+    path = sources.build_tfds(args.dataset, args.manual_dir, args.data_dir, overwrite=args.overwrite)
   except (release.DatasetError, OSError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 1

@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.predictions or args.annotations:
       parser.error('--workdir cannot be combined with --predictions/--annotations')
     from optisar_jax import cli
-    from optisar_jax.train import distributed
+    from optisar_jax.runtime import distributed
     cli.prepare_runtime()
     distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
     try:

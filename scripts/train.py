@@ -21,10 +21,11 @@ def main() -> int:
   parser.add_argument('--num_processes', type=int, default=None, help='multi-host: number of processes')
   parser.add_argument('--process_id', type=int, default=None, help='multi-host: index of this process')
   args, config = cli.parse_with_config(parser)
-  from optisar_jax.train import distributed, loop
+  from optisar_jax.runtime import distributed
+  from optisar_jax.train import loop
   loop.train(config, args.workdir, coordinator_address=args.coordinator_address,
              num_processes=args.num_processes, process_id=args.process_id)
-  distributed.shutdown()   # all processes together (see optisar_jax/train/distributed.py)
+  distributed.shutdown()   # all processes together (see optisar_jax/runtime/distributed.py)
   return 0
 
 

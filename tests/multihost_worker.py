@@ -20,7 +20,7 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
-from optisar_jax.train import checkpoint, distributed, sharding  # noqa: E402
+from optisar_jax.runtime import checkpoint, distributed, sharding  # noqa: E402
 
 GLOBAL_BATCH = 8
 

@@ -12,7 +12,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from optisar_jax.data import categories as cats
-from optisar_jax.data import release, synthetic
+from optisar_jax.data import release, sources, synthetic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,8 +23,8 @@ def built(tmp_path_factory):
   optsar = synthetic.make_synthetic_dataset(str(base / 'optsar'), 'optsar', 12, 4)
   dior = synthetic.make_synthetic_dataset(str(base / 'dior'), 'dior', 8, 2)
   data_dir = str(base / 'tfds')
-  release.build_tfds('optsar_rsvg', optsar, data_dir)
-  release.build_tfds('dior_rsvg', dior, data_dir)
+  sources.build_tfds('optsar_rsvg', optsar, data_dir)
+  sources.build_tfds('dior_rsvg', dior, data_dir)
   return dict(optsar=optsar, dior=dior, data_dir=data_dir)
 
 
@@ -172,7 +172,7 @@ def test_failed_build_leaves_nothing_that_looks_built(tmp_path):
     f.write(data[:len(data) // 3])
   data_dir = str(tmp_path / 'tfds')
   with pytest.raises(release.DatasetError, match=name):
-    release.build_tfds('optsar_rsvg', manual, data_dir)
+    sources.build_tfds('optsar_rsvg', manual, data_dir)
   assert not os.path.exists(os.path.join(data_dir, 'optsar_rsvg', '1.0.0'))
   assert [e for e in os.listdir(data_dir) if e.startswith('.')] == []
 
@@ -187,7 +187,7 @@ def test_build_cli(built, tmp_path):
   # A complete existing build is reused, not rebuilt.
   final = os.path.join(built['data_dir'], 'optsar_rsvg', '1.0.0')
   stamp = os.stat(os.path.join(final, 'dataset_info.json')).st_mtime_ns
-  assert release.build_tfds('optsar_rsvg', built['optsar'], built['data_dir']) == final
+  assert sources.build_tfds('optsar_rsvg', built['optsar'], built['data_dir']) == final
   assert os.stat(os.path.join(final, 'dataset_info.json')).st_mtime_ns == stamp
 
 

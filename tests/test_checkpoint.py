@@ -14,7 +14,8 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from optisar_jax.config import load_config
-from optisar_jax.train import checkpoint, ema, optimizer, run_logging, sharding
+from optisar_jax.runtime import checkpoint, sharding
+from optisar_jax.train import ema, optimizer, run_logging
 
 
 def _mesh(shape):

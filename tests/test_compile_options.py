@@ -7,7 +7,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from optisar_jax import compile_options
+from optisar_jax.runtime import compile_options
 from optisar_jax.config import load_config
 
 OPTION = 'xla_cpu_experimental_ynn_fusion_type'

@@ -100,7 +100,7 @@ def tiny_reports():
   if not _tpu_available():
     pytest.fail('libtpu is missing: it comes with the test extra (pip install -e ".[test]")')
   reports = {}
-  from optisar_jax.train import sharding
+  from optisar_jax.runtime import sharding
   for name, mesh, rules in (('dp', (4, 1), sharding.REPLICATED_RULES), ('fsdp', (2, 2), sharding.FSDP_RULES)):
     config = load_config('tiny', [])
     config.mesh.sharding_rules = rules
@@ -117,6 +117,7 @@ def _leaf_bytes(tree) -> int:
 @pytest.mark.slow
 def test_tiny_train_step_for_tpu_v5e_has_no_batchnorm_all_reduce_and_float32_gradient_sums(tiny_reports):
   from optisar_jax import platform
+  from optisar_jax import grounding
   from optisar_jax.train import step as step_lib
   dp = tiny_reports['dp']
   assert (dp['chips'], dp['global_batch'], dp['mesh']) == (4, 32, {'data': 4, 'fsdp': 1})
@@ -128,7 +129,7 @@ def test_tiny_train_step_for_tpu_v5e_has_no_batchnorm_all_reduce_and_float32_gra
   # (global statistics compile to ~140). Their float32 payload is every gradient and every BatchNorm
   # running statistic (its mean over groups) once, plus a few scalars; no gradient goes over in bf16.
   config = platform.resolve(load_config('tiny', []), 'tpu')
-  model = step_lib.abstract_model(config)
+  model = grounding.abstract_model(config)
   params = _leaf_bytes(nnx.state(model, nnx.Param))
   stats = _leaf_bytes(nnx.state(model, nnx.BatchStat))
   reduce = dp['collectives']['all-reduce']

@@ -15,7 +15,7 @@ from optisar_jax import evaluation
 from optisar_jax import export
 from optisar_jax import inference
 from optisar_jax import predictions as predictions_lib
-from optisar_jax.train import texts as texts_lib
+from optisar_jax.text import run_texts as texts_lib
 
 
 def _grounder(workdir, config, devices, **overrides):
@@ -64,7 +64,7 @@ def test_batched_queries_equal_one_query_per_forward(trained_tiny, test_split):
   single = _grounder(workdir, config, jax.devices()[:1], eval__max_queries_per_image=1)
   names = [r.category for r in batched]
   del names
-  from optisar_jax.train.loop import open_source
+  from optisar_jax.data.sources import open_source
   categories = open_source(config, 'test').dataset_info.features['objects']['category'].names
   one_by_one = single.run(examples, category_names=categories, progress=False)
   assert [r.query_id for r in one_by_one] == [r.query_id for r in batched]

@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from optisar_jax.train import distributed
+from optisar_jax.runtime import distributed
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'multihost_worker.py')
 TIMEOUT_S = 120

@@ -10,7 +10,7 @@ from flax import nnx
 
 from optisar_jax.config import load_config
 from optisar_jax.train import ema, optimizer
-from optisar_jax.train.sharding import path_to_str
+from optisar_jax.runtime.sharding import path_to_str
 
 
 class LayerScale(nnx.Module):

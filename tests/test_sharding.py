@@ -10,7 +10,8 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from optisar_jax.config import load_config
-from optisar_jax.train import ema, optimizer, sharding
+from optisar_jax.runtime import sharding
+from optisar_jax.train import ema, optimizer
 
 
 def fixed_init(key, shape, dtype=jnp.float32):

@@ -11,7 +11,7 @@ from conftest import tiny_config
 from optisar_jax import evaluation
 from optisar_jax.train import loop
 from optisar_jax.train import optimizer as optimizer_lib
-from optisar_jax.train import sharding as sharding_lib
+from optisar_jax.runtime import sharding as sharding_lib
 from optisar_jax.train import step as step_lib
 
 
@@ -49,11 +49,11 @@ def test_stopped_and_resumed_run_equals_uninterrupted(trained_tiny, tmp_path):
 
 
 def _fixed_batch(config):
-  from optisar_jax.data import pipeline
+  from optisar_jax.data import pipeline, sources
   from optisar_jax.data.vocabulary import build_vocabulary
-  from optisar_jax.train import texts as texts_lib
-  source = loop.open_source(config, 'train')
-  captions, names = texts_lib.training_captions(source)
+  from optisar_jax.text import run_texts as texts_lib
+  source = sources.open_source(config, 'train')
+  captions, names = sources.training_captions(source)
   vocabulary = build_vocabulary(captions, names, config.data)
   from optisar_jax.text import tokenization
   from optisar_jax.text.tower import build_text_table

@@ -5,7 +5,8 @@ release on disk; read it back with `tfds.data_source(name, split=..., data_dir=.
 """
 
 from optisar_jax.data.categories import DIOR_CLASSES, DOMAINS, OPTSAR_CATEGORIES, domain_of_category
-from optisar_jax.data.release import DatasetError, ImageRecord, ObjectRecord, build_tfds, read_dior, read_optsar
+from optisar_jax.data.release import DatasetError, ImageRecord, ObjectRecord, read_dior, read_optsar
+from optisar_jax.data.sources import build_tfds
 from optisar_jax.data.synthetic import make_synthetic_dataset
 
 __all__ = [

@@ -1,4 +1,4 @@
-"""Reading and validating the OptSAR-RSVG and DIOR-RSVG releases; building the TFDS datasets from them.
+"""Reading and validating the OptSAR-RSVG and DIOR-RSVG releases (the TFDS builders' readers).
 
 Both readers turn a release on disk into plain per-image records (`ImageRecord` holding `ObjectRecord`s),
 checking everything the release promises (training-and-data.md sections 1 and 2). Any problem ends in ONE
@@ -12,7 +12,8 @@ object indices, counted over the XML files sorted by name and, inside a file, in
 record per (image, split) holding only the objects of that split; an object's id is its global index.
 
 Records hold boxes as COCO [x, y, w, h] in pixels of the original image. `tfds_example(record)` converts a
-record into the example of the TFDS datasets (interfaces.md section 4); `build_tfds` builds one of them.
+record into the example of the TFDS datasets (interfaces.md section 4); `data/sources.py` builds
+and opens those datasets.
 """
 
 from __future__ import annotations
@@ -607,40 +608,3 @@ def tfds_example(record: ImageRecord) -> dict:
           'caption': [o.caption for o in record.objects],
       },
   }
-
-
-def build_tfds(dataset: str, manual_dir: str, data_dir: str, *, overwrite: bool = False) -> str:
-  """Builds TFDS dataset `dataset` (ArrayRecord) from the release in `manual_dir` into `data_dir`.
-
-  The build runs in a temporary folder inside `data_dir` and is renamed to `data_dir/<dataset>/1.0.0` only
-  when complete, so a failed build leaves nothing that looks built. An existing complete build is kept
-  (and returned) unless `overwrite`. Returns the dataset version folder. Bad input raises DatasetError.
-  """
-  if dataset not in DATASETS:
-    raise DatasetError(f'--dataset {dataset!r}: unknown dataset (expected one of {", ".join(DATASETS)})')
-  manual_dir, data_dir = os.path.abspath(os.fspath(manual_dir)), os.path.abspath(os.fspath(data_dir))
-  if not os.path.isdir(manual_dir):
-    raise DatasetError(f'{manual_dir}: manual_dir not found')
-  final = os.path.join(data_dir, dataset, TFDS_VERSION)
-  if os.path.isfile(os.path.join(final, 'dataset_info.json')) and not overwrite:
-    return final
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  import tfds_builders  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import  (registers builders)
-  os.makedirs(data_dir, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f'.{dataset}.building-', dir=data_dir)
-  try:
-    builder = tfds.builder(dataset, data_dir=tmp)
-    builder.download_and_prepare(
-        file_format='array_record',
-        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
-    built = os.path.join(tmp, dataset, TFDS_VERSION)
-    if not os.path.isfile(os.path.join(built, 'dataset_info.json')):
-      raise DatasetError(f'{built}: the TFDS build finished without dataset_info.json')
-    os.makedirs(os.path.dirname(final), exist_ok=True)
-    if os.path.exists(final):
-      old = os.path.join(tmp, 'previous')
-      os.rename(final, old)
-    os.rename(built, final)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
-  return final

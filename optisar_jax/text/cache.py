@@ -152,14 +152,11 @@ def split_texts(records: Iterable[dict], category_names: Sequence[str]) -> tuple
 
 def read_training_split(config: Any, data_dir: str) -> tuple[list[str], list[str]]:
   """(captions, category names) of config.data.train_split, read with tfds.data_source (images left
-  encoded). The same reading as a training run's vocabulary (`optisar_jax.train.texts`), so the cache
+  encoded). The same reading as a training run's vocabulary (`optisar_jax.text.run_texts`), so the cache
   holds every string the run can ask for: all category names, used by an annotation or not."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  import tfds_builders  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import  (registers builders)
-  from optisar_jax.train.texts import training_captions  # pylint: disable=g-import-not-at-top
-  source = tfds.data_source(config.data.name, split=config.data.train_split, data_dir=data_dir,
-                            decoders={'image': tfds.decode.SkipDecoding()})
-  return training_captions(source)
+  from optisar_jax.data import sources  # pylint: disable=g-import-not-at-top
+  source = sources.open_source(config, config.data.train_split, skip_images=True, data_dir=data_dir)
+  return sources.training_captions(source)
 
 
 def prepare_text_embeddings(config: Any, data_dir: str, output_dir: str, encoder: Any = None) -> EmbeddingCache:

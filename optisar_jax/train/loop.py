@@ -29,33 +29,20 @@ import ml_collections
 import numpy as np
 
 from optisar_jax.data import pipeline
-from optisar_jax.train import checkpoint as checkpoint_lib
-from optisar_jax.train import distributed
+from optisar_jax.data import sources
+from optisar_jax.runtime import checkpoint as checkpoint_lib
+from optisar_jax.runtime import distributed
 from optisar_jax.train import optimizer as optimizer_lib
 from optisar_jax.train import run_logging
-from optisar_jax.train import sharding as sharding_lib
+from optisar_jax.runtime import sharding as sharding_lib
 from optisar_jax.train import step as step_lib
-from optisar_jax.train import texts as texts_lib
+from optisar_jax.text import run_texts as texts_lib
 
 LOSS_KEYS = ('loss', 'box', 'cls', 'dfl', 'region', 'moe')
 
 
 class NonFiniteLossError(RuntimeError):
   """The loss became NaN/inf (with `train.nonfinite = 'stop'`)."""
-
-
-def open_source(config: ml_collections.ConfigDict, split: str, *, skip_images: bool = False):
-  """`tfds.data_source` of the config's dataset (errors name the data dir and split)."""
-  import tensorflow_datasets as tfds
-  import tfds_builders  # noqa: F401  (registers optsar_rsvg, dior_rsvg)
-  decoders = {'image': tfds.decode.SkipDecoding()} if skip_images else None
-  try:
-    return tfds.data_source(config.data.name, split=split, data_dir=config.data.data_dir, decoders=decoders)
-  except Exception as err:  # tfds raises several types for a missing/unbuilt dataset
-    raise FileNotFoundError(
-        f"{config.data.data_dir}: cannot open TFDS dataset '{config.data.name}' split '{split}' "
-        f'({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ""}); '
-        'build it with scripts/build_dataset.py') from None
 
 
 def _write_json_atomic(path: str, obj: Any) -> None:
@@ -84,8 +71,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, coordinator_addres
   sharding_lib.local_batch_size(config.train.batch_size, mesh)  # checks divisibility
 
   # ----------------------------------------------------------------------------------------- input
-  source = open_source(config, config.data.train_split)
-  texts = texts_lib.prepare_run_texts(config, workdir, lambda: open_source(
+  source = sources.open_source(config, config.data.train_split)
+  texts = texts_lib.prepare_run_texts(config, workdir, lambda: sources.open_source(
       config, config.data.train_split, skip_images=True))
   dataset = pipeline.make_train_dataset(
       source, config, texts.vocabulary, process_index=jax.process_index(),

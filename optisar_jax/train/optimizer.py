@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from optisar_jax.train.sharding import path_to_str
+from optisar_jax.runtime.sharding import path_to_str
 
 GROUP_BIAS = 'bias'
 GROUP_NO_DECAY = 'no_decay'

@@ -36,33 +36,14 @@ import numpy as np
 import optax
 from flax import nnx
 
-from optisar_jax import compile_options
+from optisar_jax.runtime import compile_options
 from optisar_jax import platform as platform_lib
-from optisar_jax.grounding import GroundingModel
+from optisar_jax.grounding import GroundingModel, abstract_model, anchors_for, graphdefs, graphdefs_of  # noqa: F401
 from optisar_jax.models import box_ops
 from optisar_jax.train import ema as ema_lib
 from optisar_jax.train import losses
 
 TrainState = dict
-
-
-def abstract_model(config: ml_collections.ConfigDict) -> GroundingModel:
-  """The model with ShapeDtypeStruct leaves (no FLOPs, no memory)."""
-  return nnx.eval_shape(lambda: GroundingModel(config, rngs=nnx.Rngs(config.seed)))
-
-
-def graphdefs_of(model: GroundingModel):
-  """(train graphdef, eval graphdef): the static structure of the model in each mode."""
-  model.train()
-  train_def = nnx.split(model, nnx.Param, ...)[0]
-  model.eval()
-  eval_def = nnx.split(model, nnx.Param, ...)[0]
-  return train_def, eval_def
-
-
-def graphdefs(config: ml_collections.ConfigDict):
-  """`graphdefs_of` an abstract model of the config."""
-  return graphdefs_of(abstract_model(config))
 
 
 def state_from_model(model: GroundingModel, tx: optax.GradientTransformation) -> TrainState:
@@ -110,7 +91,7 @@ def setup_training(config: ml_collections.ConfigDict, mesh, rules, *,
   it is ~0.5 GB with the optimizer moments, which every pod host can hold). `make_tx(model)` builds the
   optimizer (it reads parameter groups from the model).
   """
-  from optisar_jax.train import sharding as sharding_lib
+  from optisar_jax.runtime import sharding as sharding_lib
   with jax.default_device(jax.local_devices(backend='cpu')[0]):
     model = GroundingModel(config, rngs=nnx.Rngs(config.seed))
     tx = make_tx(model)
@@ -125,13 +106,6 @@ def setup_training(config: ml_collections.ConfigDict, mesh, rules, *,
 
   state = jax.tree.map(place, host_state, shardings)
   return TrainSetup(state, shardings, tx, train_def, eval_def)
-
-
-def anchors_for(config: ml_collections.ConfigDict):
-  """Anchor points (A, 2) in grid units and strides (A, 1) for the config's square input size."""
-  size = config.data.imgsz
-  feature_sizes = [(size // s, size // s) for s in config.model.strides]
-  return box_ops.make_anchors(feature_sizes, config.model.strides)
 
 
 def _tree_all_finite(tree) -> jax.Array:
@@ -201,7 +175,7 @@ def make_train_step(config: ml_collections.ConfigDict, train_graphdef, tx: optax
 def jit_train_step(config: ml_collections.ConfigDict, setup: TrainSetup, mesh):
   """The train step jitted once: the state sharded by the rules and donated, the batch split over the
   mesh's data axes, the text table and the rng key replicated."""
-  from optisar_jax.train import sharding as sharding_lib
+  from optisar_jax.runtime import sharding as sharding_lib
   replicated = sharding_lib.replicated(mesh)
   return jax.jit(make_train_step(config, setup.train_graphdef, setup.tx),
                  in_shardings=(setup.shardings, sharding_lib.batch_sharding(mesh), replicated, replicated),

@@ -198,6 +198,23 @@ class TrainCheckpointer:
       data = per_process[jax.process_index()]
     return restored['state'], _decode_data_state(data)
 
+  def restore_subtree(self, abstract_subtree, *, step: int | None = None, best: bool = False) -> Any:
+    """Only the keys of `abstract_subtree` from the saved state (an Orbax partial restore), e.g.
+    `{'step': ..., 'ema': {'params': ..., 'rest': ...}}`: evaluation and export read the EMA weights and
+    never the optimizer's moments. Leaves are `jax.ShapeDtypeStruct`s with the shardings to restore onto.
+    `step` None = the newest checkpoint (or the best one with `best=True`)."""
+    manager = self._best_manager if best else self._manager
+    if manager is None:
+      raise ValueError('this TrainCheckpointer has no best_directory')
+    if step is None:
+      step = manager.best_step() if best else manager.latest_step()
+    if step is None:
+      raise FileNotFoundError(f'no checkpoint in {manager.directory}')
+    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_subtree)
+    restored = manager.restore(int(step), args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=abstract_subtree, restore_args=restore_args, partial_restore=True)))
+    return restored['state']
+
   def restore(self, step: int | None, abstract_state) -> tuple[Any, Any]:
     """(state, data_state) of `step` (None = latest) laid out as `abstract_state` says.
 

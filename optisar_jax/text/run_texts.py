@@ -35,19 +35,6 @@ class RunTexts:
   cache: Any = None
 
 
-def _decode(value) -> str:
-  return (value.decode('utf-8') if isinstance(value, bytes) else str(value)).strip()
-
-
-def training_captions(source) -> tuple[list[str], list[str]]:
-  """(captions in record order, category names) of a TFDS training source (images need not be decoded)."""
-  captions = []
-  for i in range(len(source)):
-    captions.extend(_decode(c) for c in source[i]['objects']['caption'])
-  names = list(source.dataset_info.features['objects']['category'].names)
-  return captions, names
-
-
 def text_dir(workdir: str) -> str:
   return os.path.join(workdir, TEXT_SUBDIR)
 
@@ -63,6 +50,7 @@ def prepare_run_texts(config: ml_collections.ConfigDict, workdir: str,
   if os.path.isfile(vocab_path):
     vocabulary = TextVocabulary.load(vocab_path)
   else:
+    from optisar_jax.data.sources import training_captions
     captions, category_names = training_captions(open_caption_source())
     vocabulary = build_vocabulary(captions, category_names, config.data)
     if main:

@@ -1,0 +1,86 @@
+"""The TFDS datasets of the project: building them from a release and opening them for reading.
+
+    build_tfds('optsar_rsvg', manual_dir, data_dir)   -> the built version folder (ArrayRecord)
+    open_source(config, split)                        -> tfds.data_source of config.data.name
+    training_captions(source)                         -> (captions in record order, category names)
+
+The TFDS builders (`tfds_builders/`) import the release readers (`data/release.py`); this module imports
+the builders (to register them), never the reverse.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+import ml_collections
+
+from optisar_jax.data.release import DATASETS, TFDS_VERSION, DatasetError
+
+
+def build_tfds(dataset: str, manual_dir: str, data_dir: str, *, overwrite: bool = False) -> str:
+  """Builds TFDS dataset `dataset` (ArrayRecord) from the release in `manual_dir` into `data_dir`.
+
+  The build runs in a temporary folder inside `data_dir` and is renamed to `data_dir/<dataset>/1.0.0` only
+  when complete, so a failed build leaves nothing that looks built. An existing complete build is kept
+  (and returned) unless `overwrite`. Returns the dataset version folder. Bad input raises DatasetError.
+  """
+  if dataset not in DATASETS:
+    raise DatasetError(f'--dataset {dataset!r}: unknown dataset (expected one of {", ".join(DATASETS)})')
+  manual_dir, data_dir = os.path.abspath(os.fspath(manual_dir)), os.path.abspath(os.fspath(data_dir))
+  if not os.path.isdir(manual_dir):
+    raise DatasetError(f'{manual_dir}: manual_dir not found')
+  final = os.path.join(data_dir, dataset, TFDS_VERSION)
+  if os.path.isfile(os.path.join(final, 'dataset_info.json')) and not overwrite:
+    return final
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  import tfds_builders  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import  (registers builders)
+  os.makedirs(data_dir, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f'.{dataset}.building-', dir=data_dir)
+  try:
+    builder = tfds.builder(dataset, data_dir=tmp)
+    builder.download_and_prepare(
+        file_format='array_record',
+        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+    built = os.path.join(tmp, dataset, TFDS_VERSION)
+    if not os.path.isfile(os.path.join(built, 'dataset_info.json')):
+      raise DatasetError(f'{built}: the TFDS build finished without dataset_info.json')
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    if os.path.exists(final):
+      old = os.path.join(tmp, 'previous')
+      os.rename(final, old)
+    os.rename(built, final)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return final
+
+
+def open_source(config: ml_collections.ConfigDict, split: str, *, skip_images: bool = False,
+                data_dir: str | None = None):
+  """`tfds.data_source` of the config's dataset in `data_dir` (default `config.data.data_dir`); errors name
+  the data dir and split. `skip_images` leaves the images encoded (for reading captions only)."""
+  data_dir = config.data.data_dir if data_dir is None else data_dir
+  import tensorflow_datasets as tfds
+  import tfds_builders  # noqa: F401  (registers optsar_rsvg, dior_rsvg)
+  decoders = {'image': tfds.decode.SkipDecoding()} if skip_images else None
+  try:
+    return tfds.data_source(config.data.name, split=split, data_dir=data_dir, decoders=decoders)
+  except Exception as err:  # tfds raises several types for a missing/unbuilt dataset
+    raise FileNotFoundError(
+        f"{data_dir}: cannot open TFDS dataset '{config.data.name}' split '{split}' "
+        f'({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ""}); '
+        'build it with scripts/build_dataset.py') from None
+
+
+def _decode(value) -> str:
+  return (value.decode('utf-8') if isinstance(value, bytes) else str(value)).strip()
+
+
+def training_captions(source) -> tuple[list[str], list[str]]:
+  """(captions in record order, category names) of a TFDS training source (images need not be decoded)."""
+  captions = []
+  for i in range(len(source)):
+    captions.extend(_decode(c) for c in source[i]['objects']['caption'])
+  names = list(source.dataset_info.features['objects']['category'].names)
+  return captions, names

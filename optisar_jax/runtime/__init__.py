@@ -1,0 +1,10 @@
+"""Runtime plumbing shared by training, evaluation and export: nothing here knows the model or the loss.
+
+Modules (import them directly; this package imports nothing so that importing one piece stays cheap):
+
+* `sharding`: the device mesh, parameter sharding rules, batch placement, sharded initialisation.
+* `distributed`: `jax.distributed` start-up, barriers, compiling together on every process.
+* `checkpoint`: Orbax `CheckpointManager`s for the train state, the input iterator state and the config;
+  preemption (SIGTERM) handling.
+* `compile_options`: XLA compiler options of the train step and the eval predict.
+"""
