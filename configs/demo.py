@@ -9,7 +9,7 @@ from optisar_jax.config import load_sibling
 
 def get_config():
   c = load_sibling(__file__, 'optsar_rsvg')
-  c.data.data_dir = 'runs/demo/tfds'
+  c.data.data_dir = 'runs/demo/data/tfds'   # where scripts/demo.py --workdir runs/demo builds it
   c.data.imgsz = 128
   c.data.max_text_slots = 8
   c.data.max_boxes = 32

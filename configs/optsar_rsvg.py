@@ -25,8 +25,13 @@ def get_config():
   c.data.max_text_slots = 20             # K: text slots per training image (max_samples)
   c.data.max_boxes = 64                  # padded boxes per training image (mosaic merges 4 images)
   c.data.pad_value = 114                 # letterbox / mosaic fill
-  c.data.worker_count = 0                # grain worker processes (0 = in process)
+  # Input (optisar_jax/data/pipeline.py): grain worker processes decode and augment; -1 = automatic (host
+  # cores - 1, at most max_auto_workers), 0 = in the training process. Each worker keeps prefetch_buffer
+  # batches ready; the loop keeps device_prefetch batches on the devices ahead of the step.
+  c.data.worker_count = -1
+  c.data.max_auto_workers = 16
   c.data.prefetch_buffer = 2
+  c.data.device_prefetch = 2
   # Dynamic adversarial negatives (training-and-data.md section 4).
   c.data.negatives = ml_collections.ConfigDict()
   c.data.negatives.background_text = 'background'

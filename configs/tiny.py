@@ -9,6 +9,7 @@ from optisar_jax.config import load_sibling
 def get_config():
   c = load_sibling(__file__, 'optsar_rsvg')
   c.data.data_dir = 'runs/tiny/tfds'
+  c.data.worker_count = 0                # tests run the input in process unless they ask for workers
   c.data.imgsz = 64
   c.data.max_text_slots = 6
   c.data.max_boxes = 16

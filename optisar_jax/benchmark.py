@@ -321,8 +321,18 @@ def bench_evaluate(config, config_name: str, batch: int, imgsz: int, *, warmup: 
 
 
 def bench_input(config, config_name: str, batch: int, imgsz: int, *, warmup: int, repeats: int,
-                num_images: int = 64, source=None, **unused) -> dict[str, Any]:
-  """Training input pipeline (decode, mosaic, affine, HSV, flip, text slots) in images/s."""
+                num_images: int = 64, source=None, against_workers: str | None = None,
+                batches_per_round: int = 6, **unused) -> dict[str, Any]:
+  """Training input pipeline (decode, mosaic, affine, HSV, flip, text slots) in images/s.
+
+  Steady-state throughput: each round starts the pipeline (`TrainDataset.iterator`, grain with
+  `data.worker_count` worker processes), draws `warmup` batches untimed (worker start-up, their first
+  buffers), times the next `batches_per_round` batches, and stops the pipeline, so no worker runs outside
+  its own round. `against_workers` ('1,2'): the same rounds with those worker counts, alternating with the
+  config's (config, 1, 2, config, 1, 2, ...) in this process; `repeats` rounds each. Reported per worker
+  count: the median round's images/s and images/s per busy core (max(1, workers): with no worker the
+  training thread does the work).
+  """
   import time as time_lib
   from optisar_jax.data import pipeline, sources
   from optisar_jax.data.vocabulary import build_vocabulary
@@ -334,21 +344,43 @@ def bench_input(config, config_name: str, batch: int, imgsz: int, *, warmup: int
     source = _synthetic_source(config, num_images, 'train')
   captions, names = sources.training_captions(source)
   vocabulary = build_vocabulary(captions, names, config.data)
-  dataset = pipeline.make_train_dataset(source, config, vocabulary)
-  iterator = dataset.iterator(0)
-  times = []
-  try:
-    for _ in range(warmup):
-      next(iterator)
-    for _ in range(repeats):
-      start = time_lib.perf_counter()
-      next(iterator)
-      times.append(time_lib.perf_counter() - start)
-  finally:
-    iterator.close()
-  out = record('input', config_name, batch, imgsz, times, None,
-               mosaic=float(config.data.augment.mosaic), worker_count=int(config.data.worker_count))
+  ours = pipeline.resolve_worker_count(int(config.data.worker_count), int(config.data.max_auto_workers))
+  counts = [ours]
+  if against_workers:
+    try:
+      counts += [int(w) for w in str(against_workers).split(',') if w.strip()]
+    except ValueError:
+      raise ValueError(f'--against_workers {against_workers!r}: expected worker counts such as 1,2') from None
+    if min(counts) < 0:
+      raise ValueError(f'--against_workers {against_workers!r}: worker counts must be >= 0')
+  datasets = {}
+  for w in counts:
+    config.data.worker_count = w
+    datasets[w] = pipeline.make_train_dataset(source, config, vocabulary)
+  rounds: dict[int, list[float]] = {w: [] for w in counts}
+  step = 0
+  for _ in range(repeats):
+    for w in counts:
+      with datasets[w].iterator(step) as iterator:
+        for _ in range(warmup):
+          next(iterator)
+        start = time_lib.perf_counter()
+        for _ in range(batches_per_round):
+          next(iterator)
+        rounds[w].append((time_lib.perf_counter() - start) / batches_per_round)
+      step += warmup + batches_per_round
+  out = record('input', config_name, batch, imgsz, rounds[ours], None,
+               mosaic=float(config.data.augment.mosaic), worker_count=ours,
+               batches_per_round=batches_per_round)
   out['images_per_s'] = batch / out['median_s']
+  out['images_per_s_per_core'] = out['images_per_s'] / max(1, ours)
+  if against_workers:
+    out['by_workers'] = {}
+    for w in counts[1:]:
+      median = summarize(rounds[w])['median_s']
+      out['by_workers'][str(w)] = {'median_s': median, 'images_per_s': batch / median,
+                                   'images_per_s_per_core': batch / median / max(1, w),
+                                   'speedup': out['median_s'] / median}
   return out
 
 

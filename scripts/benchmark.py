@@ -9,6 +9,8 @@ Keys: what, config, batch, imgsz, median_s (and min/max/stdev), gflops (per call
 known), gflops_per_s, device, peak_memory_bytes; with --against ultralytics also peer, peer_median_s and
 ratio = ours / peer (same process, alternating runs). --against needs `pip install -e '.[bench]'`.
 --against_cpu_ynnpack C compares with the same program compiled with the config's xla.cpu_ynnpack_* = C.
+--what input --against_workers 1,2 times input rounds with 1 and 2 grain workers against the config's
+data.worker_count (by_workers: images/s, images/s per core, speedup).
 """
 
 import argparse
@@ -36,6 +38,9 @@ def main() -> int:
   parser.add_argument('--against_cpu_ynnpack', choices=['all', 'reduce', 'none'], default=None,
                       help="forward/train_step: time the same program compiled with xla.cpu_ynnpack_{eval,train} "
                            "= this choice, alternating (XLA:CPU's kernel libraries, compile_options.py)")
+  parser.add_argument('--against_workers', default=None,
+                      help="input: also time these grain worker counts (e.g. 0,1,2), alternating rounds with "
+                           "the config's data.worker_count")
   args, config = cli.parse_with_config(parser)
   from optisar_jax import benchmark
   batch = args.batch or (1 if args.what == 'forward' else
@@ -48,6 +53,10 @@ def main() -> int:
     kwargs.update(against=args.against, threads=args.threads, against_cpu_ynnpack=args.against_cpu_ynnpack)
   elif args.against or args.against_cpu_ynnpack:
     raise ValueError(f'--against/--against_cpu_ynnpack: not available for --what {args.what}')
+  if args.against_workers is not None:
+    if args.what != 'input':
+      raise ValueError(f'--against_workers: not available for --what {args.what}')
+    kwargs['against_workers'] = args.against_workers
   if args.num_images is not None:
     if args.what not in ('evaluate', 'input'):
       raise ValueError(f'--num_images: not available for --what {args.what}')

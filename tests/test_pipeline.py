@@ -190,3 +190,71 @@ def test_worker_processes_give_the_same_batches():
     for a, b in zip(expected, got):
       _assert_equal_batches(a, b)
     del got
+
+
+def test_map_dataset_is_per_sample_and_matches_direct_batches():
+  """The grain graph maps single samples and batches them afterwards; its batches equal `batch_at`."""
+  cfg = _config()
+  vocab = _vocab(cfg)
+  ds = P.make_train_dataset(RECORDS, cfg, vocab, process_index=1, process_count=2)
+  samples = ds.sample_dataset(start_step=3)
+  assert len(samples) == (ds.num_steps - 3) * ds.batch_size == 15 * 2
+  assert samples[0]['image'].shape == (64, 64, 3)           # one sample, not a batch
+  _assert_equal_batches(samples[3], {k: v[1] for k, v in ds.batch_at(4).items()})
+  mapped = ds.map_dataset(start_step=3)
+  for k in (0, 4):
+    _assert_equal_batches(mapped[k], ds.batch_at(3 + k))
+
+
+def test_worker_count_resolution():
+  import os
+  cores = len(os.sched_getaffinity(0))
+  assert P.resolve_worker_count(0) == 0 and P.resolve_worker_count(3) == 3
+  assert P.resolve_worker_count(-1, 16) == min(cores - 1, 16)
+  assert P.resolve_worker_count(-1, 0) == 0
+  with pytest.raises(ValueError, match="data.worker_count"):
+    P.resolve_worker_count(-2)
+
+
+def test_state_at_is_the_iterator_state():
+  cfg = _config()
+  ds = P.make_train_dataset(RECORDS, cfg, _vocab(cfg))
+  it = ds.iterator(start_step=5)
+  next(it)
+  assert it.get_state() == ds.state_at(6)
+  assert json.loads(json.dumps(ds.state_at(6)))['next_step'] == 6
+  it.close()
+
+
+def test_device_prefetch_keeps_order_and_raises_in_place():
+  from optisar_jax.runtime.prefetch import DevicePrefetch
+  placed = []
+
+  def place(x):
+    placed.append(x)
+    return x * 10
+
+  with DevicePrefetch(iter(range(7)), place, size=2) as batches:
+    assert list(batches) == [0, 10, 20, 30, 40, 50, 60]
+  assert placed == list(range(7))
+
+  def failing():
+    yield 1
+    yield 2
+    raise OSError('disk gone')
+
+  batches = DevicePrefetch(failing(), lambda x: x, size=2)
+  assert next(batches) == 1 and next(batches) == 2
+  with pytest.raises(OSError, match='disk gone'):
+    next(batches)
+  batches.close()
+  # The producer never runs more than `size` batches ahead of the consumer (plus the one being placed).
+  produced = []
+  batches = DevicePrefetch(iter(range(100)), lambda x: produced.append(x) or x, size=2)
+  assert next(batches) == 0
+  import time
+  time.sleep(0.3)
+  assert len(produced) <= 1 + 2 + 1
+  batches.close()
+  with pytest.raises(ValueError, match='data.device_prefetch'):
+    DevicePrefetch(iter(()), lambda x: x, size=0)

@@ -1,5 +1,6 @@
 """Command-line contract: one-line errors with non-zero exits, and the parameter count of scale m."""
 
+import json
 import os
 import subprocess
 import sys
@@ -49,3 +50,19 @@ def test_evaluate_on_a_missing_workdir_is_one_line(tmp_path):
   result = _run('scripts/evaluate.py', '--workdir', str(tmp_path / 'missing'))
   assert result.returncode != 0
   assert 'config.json' in result.stderr and 'Traceback' not in result.stderr
+
+
+def test_benchmark_input_against_workers():
+  """`scripts/benchmark.py --what input --against_workers 1`: one JSON line; rounds of the config's worker
+  count (0) alternate with 1 worker; every rate is the batch over the median round time."""
+  out = _run('scripts/benchmark.py', '--what', 'input', '--config', 'configs/tiny.py', '--batch', '4',
+             '--num_images', '12', '--warmup', '1', '--repeats', '2', '--against_workers', '1')
+  assert out.returncode == 0, out.stderr[-2000:]
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  assert (result['what'], result['batch'], result['imgsz'], result['worker_count']) == ('input', 4, 64, 0)
+  assert result['repeats'] == 2 and result['batches_per_round'] == 6
+  assert result['images_per_s'] == pytest.approx(4 / result['median_s'])
+  one = result['by_workers']['1']
+  assert one['images_per_s'] == pytest.approx(4 / one['median_s'])
+  assert one['speedup'] == pytest.approx(result['median_s'] / one['median_s'])
+  assert result['min_s'] <= result['median_s'] <= result['max_s']

@@ -14,7 +14,22 @@ affine, colour, flips, negative slots) comes from a generator seeded by (seed, e
 only on (seed, s) and the source, never on the worker count, the process count or where iteration
 started; process p of P computes and reads only rows [p*B, (p+1)*B) (B = G / P). Mosaic is switched off
 for the last `data.augment.close_mosaic_epochs` epochs; `data.augment.enabled = False` gives letterbox
-only. The iterator's state is just the next step (`get_state()` / `set_state()`, JSON-serialisable).
+only. The iterator's state is just the next step (`get_state()` / `set_state()`, JSON-serialisable), the
+same in every process, so a checkpoint restores onto any process count.
+
+The grain graph (`TrainDataset.iter_dataset`), one element per sample until the batch:
+
+  MapDataset.range(start*B, steps*B)     position i of this process's sample stream
+    .map(_SampleMap)                     i -> (step i // B, global row p*B + i % B) -> decoded, augmented
+                                         sample, all randomness from np.random.default_rng((seed, epoch, q))
+    .batch(B, drop_remainder=True)       this process's rows of one global step
+    .to_iter_dataset(ReadOptions)        one reader thread: a thread pool only adds GIL contention here
+    .mp_prefetch(workers)                `data.worker_count` worker processes (0 = in this process; -1 =
+                                         auto: host cores - 1, at most `data.max_auto_workers`); worker w
+                                         builds batches w, w + W, ..., and they come back in order
+
+and the training loop places the next `data.device_prefetch` batches on the devices ahead of the step
+(`optisar_jax/runtime/prefetch.py`).
 
 Evaluation (`make_eval_examples`) yields one letterboxed image with all of its queries at a time.
 """
@@ -22,6 +37,7 @@ Evaluation (`make_eval_examples`) yields one letterboxed image with all of its q
 from __future__ import annotations
 
 import math
+import os
 import time
 from typing import Iterator, Sequence
 
@@ -83,8 +99,8 @@ def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
   return max(1, int(num_examples) // int(global_batch_size))
 
 
-class _BatchBuilder(grain.transforms.Map):
-  """grain Map: global step -> this process's rows of that step's batch (numpy dict)."""
+class _BatchBuilder:
+  """Samples of the training stream: (global step, global row) -> one sample as numpy arrays."""
 
   def __init__(self, source, *, seed: int, num_examples: int, global_batch_size: int, batch_size: int,
                process_index: int, steps_per_epoch: int, num_epochs: int, augment_config: augment.AugmentConfig,
@@ -148,28 +164,24 @@ class _BatchBuilder(grain.transforms.Map):
     return {'image': out.image, 'boxes': padded_boxes, 'box_slots': box_slots, 'box_mask': box_mask,
             'text_ids': slots.text_ids, 'text_mask': slots.text_mask, 'domain': np.int32(out.domain)}
 
-  def map(self, element):
-    step = int(element)
+  def batch(self, step: int) -> dict:
+    """This process's rows of global step `step`, stacked (computed directly in this thread)."""
     first = self.process_index * self.batch_size
     rows = [self.sample(step, first + j) for j in range(self.batch_size)]
-    batch = {}
-    for key in ('image', 'boxes', 'box_slots', 'box_mask', 'text_ids', 'text_mask'):
-      batch[key] = np.stack([r[key] for r in rows])
-    batch['domain'] = np.asarray([r['domain'] for r in rows], np.int32)
-    return batch
+    return {key: np.stack([r[key] for r in rows]) for key in rows[0]}
 
 
-class _StepSource:
-  """Random-access source of global step numbers [start, stop) for grain's DataLoader."""
+class _SampleMap(grain.transforms.Map):
+  """grain Map: position i of this process's sample stream -> one sample of global step i // B, global row
+  process_index * B + i % B (B = rows per process and step)."""
 
-  def __init__(self, start: int, stop: int):
-    self.start, self.stop = int(start), int(stop)
+  def __init__(self, builder: _BatchBuilder):
+    self.builder = builder
 
-  def __len__(self) -> int:
-    return max(0, self.stop - self.start)
-
-  def __getitem__(self, i: int) -> int:
-    return self.start + int(i)
+  def map(self, element):
+    b = self.builder
+    step, j = divmod(int(element), b.batch_size)
+    return b.sample(step, b.process_index * b.batch_size + j)
 
 
 class TrainDataset:
@@ -204,8 +216,11 @@ class TrainDataset:
         num_steps = int(config_value(config, 'train.epochs', prefix='')) * self.steps_per_epoch
     self.num_steps = int(num_steps)
     self.num_epochs = max(1, math.ceil(self.num_steps / self.steps_per_epoch))
-    self.worker_count = int(config_value(data, 'worker_count'))
+    self.worker_count = resolve_worker_count(int(config_value(data, 'worker_count')),
+                                             int(config_value(data, 'max_auto_workers')))
     self.prefetch_buffer = int(config_value(data, 'prefetch_buffer'))
+    if self.prefetch_buffer < 1:
+      raise ValueError(f"config key 'data.prefetch_buffer' must be >= 1, got {self.prefetch_buffer}")
     self.augment_config = augment.AugmentConfig.from_config(data)
     if global_pool is None:
       global_pool = vocabulary.global_pool
@@ -230,46 +245,65 @@ class TrainDataset:
 
   def batch_at(self, step: int) -> dict:
     """This process's batch at global step `step`, computed directly in this thread."""
-    return self.builder.map(int(step))
+    return self.builder.batch(int(step))
 
-  def sample_at(self, step: int, row: int) -> dict:
-    """Row `row` (0..G-1) of the GLOBAL batch at `step` (any row, whichever process owns it)."""
-    return self.builder.sample(int(step), int(row))
+  def sample_dataset(self, start_step: int = 0) -> grain.MapDataset:
+    """grain MapDataset of this process's samples from step `start_step` on: element i is row i % B of
+    this process's share of step start_step + i // B (`_SampleMap`)."""
+    b = self.batch_size
+    return grain.MapDataset.range(int(start_step) * b, self.num_steps * b).map(_SampleMap(self.builder))
 
   def map_dataset(self, start_step: int = 0) -> grain.MapDataset:
-    """grain MapDataset of this process's batches for steps [start_step, num_steps)."""
-    return grain.MapDataset.range(int(start_step), self.num_steps).map(self.builder)
+    """grain MapDataset of this process's batches for steps [start_step, num_steps): element k is the batch
+    of step start_step + k (`sample_dataset` batched by B)."""
+    return self.sample_dataset(start_step).batch(self.batch_size, drop_remainder=True)
+
+  def iter_dataset(self, start_step: int = 0) -> grain.IterDataset:
+    """The IterDataset the training loop reads: `map_dataset` with `worker_count` worker processes, each
+    keeping up to `prefetch_buffer` batches ready."""
+    ds = self.map_dataset(start_step).to_iter_dataset(
+        grain.ReadOptions(num_threads=1, prefetch_buffer_size=self.prefetch_buffer))
+    if self.worker_count > 0:
+      ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.worker_count,
+                                                       per_worker_buffer_size=self.prefetch_buffer))
+    return ds
 
   def iterator(self, start_step: int = 0) -> 'TrainIterator':
     return TrainIterator(self, start_step)
+
+  def state_at(self, next_step: int) -> dict:
+    """The iterator state whose next batch is that of global step `next_step` (JSON; what a checkpoint of
+    step `next_step` saves: the loop may have prefetched further)."""
+    return {'format': _STATE_FORMAT, 'next_step': int(next_step), 'seed': self.seed,
+            'global_batch_size': self.global_batch_size, 'num_examples': self.num_examples}
 
   def __iter__(self) -> 'TrainIterator':
     return self.iterator(0)
 
 
+def resolve_worker_count(worker_count: int, max_auto_workers: int = 16) -> int:
+  """`data.worker_count`: n >= 0 as given; -1 = automatic, one worker per host core but one (the training
+  loop's), at most `max_auto_workers` (`data.max_auto_workers`)."""
+  if worker_count >= 0:
+    return worker_count
+  if worker_count != -1:
+    raise ValueError(f"config key 'data.worker_count' must be >= 0 or -1 (automatic), got {worker_count}")
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+  return max(0, min(cores - 1, int(max_auto_workers)))
+
+
 class TrainIterator:
-  """Iterator over a TrainDataset's batches through grain's DataLoader (`data.worker_count` workers).
+  """Iterator over a TrainDataset's batches (`TrainDataset.iter_dataset`: grain, with worker processes).
 
   `get_state()` returns a JSON-serialisable dict; `set_state(state)` makes the next batch the one an
-  uninterrupted run would produce next. The state holds global steps, so it also restores onto a
-  different process count.
+  uninterrupted run would produce next. The state holds only the next global step (and what checks that
+  it belongs to this run), so it is the same in every process and restores onto any process count.
   """
 
   def __init__(self, dataset: TrainDataset, start_step: int = 0):
     self.dataset = dataset
     self._next_step = int(start_step)
-    self._loader_iter = None
-
-  def _make_loader_iter(self):
-    ds = self.dataset
-    loader = grain.DataLoader(
-        data_source=_StepSource(self._next_step, ds.num_steps),
-        sampler=grain.samplers.SequentialSampler(max(0, ds.num_steps - self._next_step)),
-        operations=[ds.builder],
-        worker_count=ds.worker_count,
-        worker_buffer_size=max(1, ds.prefetch_buffer),
-        read_options=grain.ReadOptions(num_threads=1, prefetch_buffer_size=max(1, ds.prefetch_buffer)))
-    return iter(loader)
+    self._grain_iter = None
 
   def __iter__(self):
     return self
@@ -277,19 +311,17 @@ class TrainIterator:
   def __next__(self) -> dict:
     if self._next_step >= self.dataset.num_steps:
       raise StopIteration
-    if self._loader_iter is None:
-      self._loader_iter = self._make_loader_iter()
-    batch = next(self._loader_iter)
+    if self._grain_iter is None:
+      self._grain_iter = iter(self.dataset.iter_dataset(self._next_step))
+    batch = next(self._grain_iter)
     self._next_step += 1
     return batch
 
   def close(self) -> None:
     """Stops grain's worker processes (if any); iteration can continue later from the same step."""
-    loader_iter, self._loader_iter = self._loader_iter, None
-    # grain 0.2.x: DataLoaderIterator wraps a DatasetIterator that owns the workers and has close().
-    inner = getattr(loader_iter, '_iterator', loader_iter)
-    if inner is not None and callable(getattr(inner, 'close', None)):
-      inner.close()
+    grain_iter, self._grain_iter = self._grain_iter, None
+    if grain_iter is not None:
+      grain_iter.close()
 
   def __enter__(self) -> 'TrainIterator':
     return self
@@ -303,9 +335,7 @@ class TrainIterator:
     return self._next_step
 
   def get_state(self) -> dict:
-    ds = self.dataset
-    return {'format': _STATE_FORMAT, 'next_step': self._next_step, 'seed': ds.seed,
-            'global_batch_size': ds.global_batch_size, 'num_examples': ds.num_examples}
+    return self.dataset.state_at(self._next_step)
 
   def set_state(self, state: dict) -> None:
     ds = self.dataset
@@ -366,7 +396,8 @@ def make_eval_examples(source, imgsz: int, *, pad_value: int = 114, process_inde
 
 
 def measure_input_throughput(source, config, vocabulary: TextVocabulary, num_batches: int) -> float:
-  """Training-input images per second of this process (grain DataLoader, `data.worker_count` workers).
+  """Training-input images per second of this process (`TrainDataset.iter_dataset`, `data.worker_count`
+  workers).
 
   One batch is drawn first as warm-up (worker start, caches); the next `num_batches` are timed.
   """

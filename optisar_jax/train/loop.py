@@ -32,6 +32,7 @@ from optisar_jax.data import pipeline
 from optisar_jax.data import sources
 from optisar_jax.runtime import checkpoint as checkpoint_lib
 from optisar_jax.runtime import distributed
+from optisar_jax.runtime import prefetch as prefetch_lib
 from optisar_jax.train import optimizer as optimizer_lib
 from optisar_jax.train import run_logging
 from optisar_jax.runtime import sharding as sharding_lib
@@ -120,10 +121,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, coordinator_addres
   steps_this_run = 0
   step = start_step
   compiled_step = None
-  with jax.set_mesh(mesh), checkpoint_lib.PreemptionGuard() as guard:
+  # Host batches come from grain (worker processes); the next `data.device_prefetch` are placed on the
+  # devices while the current step runs. The iterator state saved with a checkpoint is that of the step
+  # reached, not of the batches already prefetched.
+  batches = prefetch_lib.DevicePrefetch(
+      data_iter, lambda b: sharding_lib.global_batch_from_process_local(b, batch_sharding),
+      size=int(config.data.device_prefetch))
+  with jax.set_mesh(mesh), checkpoint_lib.PreemptionGuard() as guard, batches:
     while step < total_steps:
-      batch_np = next(data_iter)
-      batch = sharding_lib.global_batch_from_process_local(batch_np, batch_sharding)
+      batch = next(batches)
       if compiled_step is None:   # compiled ahead of the first call, on every process before any runs it
         compiled_step = distributed.compile_together(train_step, state, batch, text_table, base_rng,
                                                      name='train_step')
@@ -151,14 +157,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, coordinator_addres
         printer(step, row)
       stop = guard.should_stop(step) or (stop_after_steps is not None and steps_this_run >= stop_after_steps)
       if step % config.train.checkpoint_every == 0 or step == total_steps or stop:
-        checkpointer.save(step, state, data_iter.get_state(), config, force=True)
+        checkpointer.save(step, state, dataset.state_at(step), config, force=True)
       if eval_every and step % eval_every == 0 and step < total_steps:
-        _validate(config, workdir, state, step, checkpointer, data_iter, writer, printer, mesh)
+        _validate(config, workdir, state, step, checkpointer, dataset, writer, printer, mesh)
       if stop:
         break
   checkpointer.wait()
   if eval_every and step == total_steps:
-    _validate(config, workdir, state, step, checkpointer, data_iter, writer, printer, mesh)
+    _validate(config, workdir, state, step, checkpointer, dataset, writer, printer, mesh)
   checkpointer.wait()
   checkpointer.close()
   writer.close()
@@ -167,7 +173,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, coordinator_addres
   return last_logged
 
 
-def _validate(config, workdir, state, step, checkpointer, data_iter, writer, printer, mesh) -> None:
+def _validate(config, workdir, state, step, checkpointer, dataset, writer, printer, mesh) -> None:
   """Evaluates the EMA weights on `data.eval_split`, logs val/ metrics, keeps the best by meanIoU."""
   from optisar_jax import evaluation
   metrics = evaluation.evaluate_state(config, workdir, state, split=config.data.eval_split, mesh=mesh,
@@ -177,4 +183,4 @@ def _validate(config, workdir, state, step, checkpointer, data_iter, writer, pri
   writer.write(step, row)
   printer.message(f'step {step}: val Pr@0.5 {row["val/Pr@0.5"]:.2f}  meanIoU {row["val/meanIoU"]:.2f}')
   if metrics['all']['meanIoU'] is not None:
-    checkpointer.save_best(step, state, metrics['all']['meanIoU'], data_iter.get_state(), config)
+    checkpointer.save_best(step, state, metrics['all']['meanIoU'], dataset.state_at(step), config)
