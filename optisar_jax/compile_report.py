@@ -347,7 +347,7 @@ def lower_predict(config, mesh, per_chip_images: int):
 
   jitted = jax.jit(evaluation.make_packed_predict_fn(config, eval_def, blocks),
                    in_shardings=(replicated, replicated, batch, batch, batch),
-                   out_shardings=(replicated, replicated),
+                   out_shardings=(batch, batch),          # as evaluation.Grounder: answers stay per chip
                    compiler_options=compile_options.compiler_options(config, 'eval', platform=mesh_platform(mesh)))
   with jax.set_mesh(mesh):
     return jitted.lower(place(params, replicated), place(rest, replicated),

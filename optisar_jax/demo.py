@@ -40,20 +40,22 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str) -> dict:
   loop.train(config, workdir)
   print('[demo] evaluating the test split', flush=True)
   grounder = evaluation.load_grounder(workdir, overrides=[f'data.data_dir={tfds_dir}'])
-  metrics, results, examples = evaluation.evaluate_split(grounder, grounder.config, 'test')
+  test_split = evaluation.EvalSplit(grounder.config, 'test')
+  metrics, results, examples = evaluation.evaluate_split(grounder, grounder.config, test_split)
   eval_dir = os.path.join(workdir, 'eval')
   evaluation.write_outputs(metrics, results, output=os.path.join(eval_dir, 'test_metrics.json'),
                            predictions_out=os.path.join(eval_dir, 'test_predictions.json'))
   write_examples(os.path.join(eval_dir, 'examples.png'), results, examples,
-                 int(config.demo.num_examples_shown))
+                 int(config.demo.num_examples_shown), canvas_of=test_split.canvas)
   print(metrics_lib.format_metrics_table(metrics))
   print(f'[demo] done in {(time.perf_counter() - start) / 60:.1f} min; wrote {eval_dir}/test_metrics.json '
         'and examples.png', flush=True)
   return metrics
 
 
-def write_examples(path: str, results, examples, count: int) -> None:
-  """A grid of test queries (one per image, evenly spread): ground truth green, prediction red."""
+def write_examples(path: str, results, examples, count: int, canvas_of=None) -> None:
+  """A grid of test queries (one per image, evenly spread): ground truth green, prediction red.
+  `canvas_of(i)` gives example i's letterboxed canvas (default: `examples[i]['image']`)."""
   from optisar_jax.data import augment
   first_of_image = {}
   for r in results:
@@ -67,7 +69,7 @@ def write_examples(path: str, results, examples, count: int) -> None:
     lb = ex['letterbox']
     h, w = ex['orig_size']
     # Crop the letterbox padding off the canvas and scale back: the original image as the model saw it.
-    canvas = ex['image']
+    canvas = ex['image'] if canvas_of is None else canvas_of(r.image_index)
     top, left = int(round(lb.top)), int(round(lb.left))
     inner = canvas[top:top + int(round(h * lb.ratio)), left:left + int(round(w * lb.ratio))]
     scale = inner.shape[1] / w

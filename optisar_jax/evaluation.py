@@ -14,8 +14,13 @@ blocks with free image slots (its context is then computed in each).
 
 Determinism: the packing is a function of the query counts alone, not of the device count; every device always
 runs the same per-device program, and a query's result does not depend on the other rows of its block,
-so the metrics are bitwise identical for any number of devices or processes. Every process reads the
-whole split and holds all predictions; process 0 writes files.
+so the metrics are bitwise identical for any number of devices or processes.
+
+Several hosts: every process reads the split's annotations (no pixels) and computes the same packing;
+each then decodes, embeds and places only the blocks of its own devices (`jax.make_array_from_callback`),
+one step ahead of them (a background thread), and keeps only its own answers until one all-gather at the
+end; process 0 writes the files. Weights are placed replicated from each process's own copy, so nothing
+crosses hosts but that gather.
 """
 
 from __future__ import annotations
@@ -183,8 +188,36 @@ class QueryResult:
   image_index: int
 
 
+def _host_copy(x) -> np.ndarray:
+  """This process's copy of a replicated (or single-device) array, or a host array, as numpy."""
+  if isinstance(x, jax.Array):
+    return np.asarray(x.addressable_data(0))
+  return np.asarray(x)
+
+
+def place_replicated(tree, mesh: jax.sharding.Mesh):
+  """`tree` replicated on every device of `mesh`, which may span processes (every process passes the same
+  values). Arrays already on exactly the mesh's devices (the training state, any sharding) are resharded
+  on the devices; anything else goes through this process's host copy, so no array crosses hosts."""
+  replicated = sharding_lib.replicated(mesh)
+  devices = set(mesh.devices.flat)
+  reshard = jax.jit(lambda x: x, out_shardings=replicated)
+
+  def place(x):
+    if isinstance(x, jax.Array) and x.sharding.device_set == devices:
+      return x if x.sharding.is_equivalent_to(replicated, x.ndim) else reshard(x)
+    host = _host_copy(x)
+    return jax.make_array_from_callback(host.shape, replicated, lambda index: host[index])
+
+  return jax.tree.map(place, tree)
+
+
 class Grounder:
-  """A trained model ready to ground queries: eval-mode weights placed on a mesh, texts, jitted predict."""
+  """A trained model ready to ground queries: eval-mode weights placed on a mesh, texts, jitted predict.
+
+  The mesh may span several processes: every process calls `run` with the same examples; each decodes,
+  embeds and places only what its own devices run, and the answers are gathered at the end.
+  """
 
   def __init__(self, config: ml_collections.ConfigDict, params, rest, texts: texts_lib.RunTexts, *,
                mesh: jax.sharding.Mesh | None = None, eval_graphdef=None):
@@ -195,22 +228,31 @@ class Grounder:
     self.replicated = sharding_lib.replicated(self.mesh)
     self.batch_sharding = jax.sharding.NamedSharding(
         self.mesh, jax.sharding.PartitionSpec(tuple(self.mesh.axis_names)))
-    self.params = jax.device_put(params, self.replicated)
-    self.rest = jax.device_put(rest, self.replicated)
     if eval_graphdef is None:
       _, eval_graphdef = grounding.graphdefs(config)
     self._graphdef = eval_graphdef
     self._predict = jax.jit(make_packed_predict_fn(config, eval_graphdef, self.mesh.size),
                             in_shardings=(self.replicated, self.replicated, self.batch_sharding,
                                           self.batch_sharding, self.batch_sharding),
-                            out_shardings=(self.replicated, self.replicated),
+                            out_shardings=(self.batch_sharding, self.batch_sharding),
                             compiler_options=compile_options.compiler_options(config, 'eval'))
     self._compiled_predict = None
     self._tower = None
+    self.decoded_images = 0          # images this process decoded in the last `run`
+    self.set_weights(params, rest)
     self.embedder = texts_lib.QueryEmbedder(config, texts, embed_tokens=self._embed_tokens)
+
+  def set_weights(self, params, rest) -> None:
+    """New weights of the same structure (the training loop's periodic validation): the compiled predict
+    is kept."""
+    self.params = place_replicated(params, self.mesh)
+    self.rest = place_replicated(rest, self.mesh)
+    self._tower_weights = None
 
   # ------------------------------------------------------------------------------------------ text
   def _embed_tokens(self, tokens: np.ndarray) -> np.ndarray:
+    """Trainable-tower embeddings of token rows, computed on this process's first device (each process
+    embeds only the queries its own devices run)."""
     if self._tower is None:
       graphdef = self._graphdef
 
@@ -219,15 +261,19 @@ class Grounder:
         return model.text_tower(chunk)
 
       self._tower = jax.jit(run)
+    if self._tower_weights is None:
+      self._tower_weights = jax.device_put(jax.tree.map(_host_copy, (self.params, self.rest)),
+                                           jax.local_devices()[0])
     n = tokens.shape[0]
     padded = math.ceil(max(n, 1) / TEXT_CHUNK) * TEXT_CHUNK
     tokens = np.concatenate([tokens, np.zeros((padded - n, tokens.shape[1]), tokens.dtype)])
-    parts = [np.asarray(self._tower(self.params, self.rest, tokens[i:i + TEXT_CHUNK]))
+    parts = [np.asarray(self._tower(*self._tower_weights, tokens[i:i + TEXT_CHUNK]))
              for i in range(0, padded, TEXT_CHUNK)]
     return np.concatenate(parts)[:n]
 
   def embed_queries(self, strings: Sequence[str]) -> dict[str, np.ndarray]:
-    """{string: (D,) unit vector} for the distinct strings, embedded in sorted order (deterministic)."""
+    """{string: (D,) unit vector} for the distinct strings, embedded in sorted order (deterministic: a
+    string's vector does not depend on the other strings)."""
     unique = sorted(set(s.strip() for s in strings))
     vectors = self.embedder(unique) if unique else np.zeros((0, self.config.text.dim), np.float32)
     return {s: vectors[i] for i, s in enumerate(unique)}
@@ -237,19 +283,47 @@ class Grounder:
   def blocks_per_step(self) -> int:
     return self.mesh.size
 
-  def predict_packed(self, images: np.ndarray, queries: np.ndarray, owner: np.ndarray
-                     ) -> tuple[np.ndarray, np.ndarray]:
-    """One packed step (see `make_packed_predict_fn`): images uint8 (G*n,S,S,3), queries (G*m,D), owner
-    (G*m,) -> canvas boxes (G*m,4), scores (G*m,); G = blocks_per_step, n = eval.batch_size, m =
-    eval.query_slots."""
-    def place(array):
-      array = np.ascontiguousarray(array)
-      return jax.make_array_from_callback(array.shape, self.batch_sharding, lambda index: array[index])
+  def local_block_positions(self) -> list[int]:
+    """Positions (0..G-1) in a step's blocks that this process's devices run, ascending."""
+    n = int(self.config.eval.batch_size)
+    shape = (self.blocks_per_step * n, 1)
+    starts = {index[0].start or 0 for index in self.batch_sharding.addressable_devices_indices_map(shape).values()}
+    return sorted(start // n for start in starts)
 
-    args = (self.params, self.rest, place(images), place(queries), place(owner.astype(np.int32)))
+  def _place_step(self, arrays: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]):
+    """Global (images, queries, owner) arrays of one step from this process's blocks {position: (images
+    (n,S,S,3), queries (m,D), owner (m,))}."""
+    g, n, m = self.blocks_per_step, int(self.config.eval.batch_size), int(self.config.eval.query_slots)
+    size, dim = int(self.config.data.imgsz), int(self.config.text.dim)
+    shapes = ((g * n, size, size, 3), (g * m, dim), (g * m,))
+
+    def make(k):
+      rows = shapes[k][0] // g
+
+      def part(index):
+        start = index[0].start or 0
+        return arrays[start // rows][k]
+
+      return jax.make_array_from_callback(shapes[k], self.batch_sharding, part)
+
+    return tuple(make(k) for k in range(3))
+
+  def _predict_placed(self, images, queries, owner):
+    args = (self.params, self.rest, images, queries, owner)
     if self._compiled_predict is None:
       self._compiled_predict = distributed.compile_together(self._predict, *args, name='predict')
-    boxes, scores = self._compiled_predict(*args)
+    return self._compiled_predict(*args)
+
+  def predict_packed(self, images: np.ndarray, queries: np.ndarray, owner: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """One packed step from whole host arrays (one process): images uint8 (G*n,S,S,3), queries (G*m,D),
+    owner (G*m,) -> canvas boxes (G*m,4), scores (G*m,); G = blocks_per_step, n = eval.batch_size,
+    m = eval.query_slots (see `make_packed_predict_fn`)."""
+    g = self.blocks_per_step
+    n, m = images.shape[0] // g, queries.shape[0] // g
+    arrays = {b: (images[b * n:(b + 1) * n], queries[b * m:(b + 1) * m], owner[b * m:(b + 1) * m].astype(np.int32))
+              for b in range(g)}
+    boxes, scores = self._predict_placed(*self._place_step(arrays))
     return np.asarray(jax.device_get(boxes)), np.asarray(jax.device_get(scores))
 
   def ground(self, image: np.ndarray, queries: Sequence[str]) -> list[tuple[np.ndarray | None, float]]:
@@ -264,46 +338,73 @@ class Grounder:
     results = self.run([example], category_names=['query'], progress=False)
     return [(r.box, r.score) for r in results]
 
-  def run(self, examples: Iterable[dict], *, category_names: Sequence[str], progress: bool = True
-          ) -> list[QueryResult]:
-    """Grounds every query of every example (dicts of `pipeline.make_eval_examples`)."""
+  def run(self, examples: Sequence[dict], *, category_names: Sequence[str], progress: bool = True,
+          image_of=None) -> list[QueryResult]:
+    """Grounds every query of every example (`pipeline.eval_metadata` dicts); returns one QueryResult per
+    query, in example order, on every process.
+
+    `image_of(i)` gives example i's letterboxed canvas (default: `examples[i]['image']`); it is called only
+    for the images of this process's blocks, one step ahead of the device (a background thread).
+    """
+    from optisar_jax.runtime import prefetch as prefetch_lib
     examples = list(examples)
-    vectors = self.embed_queries([c for ex in examples for c in ex['captions']])
+    if image_of is None:
+      image_of = lambda i: examples[i]['image']  # noqa: E731
     n, m = int(self.config.eval.batch_size), int(self.config.eval.query_slots)
     blocks = pack_queries([len(ex['captions']) for ex in examples], n, m,
                           int(self.config.eval.max_queries_per_image))
     g = self.blocks_per_step
-    size = int(self.config.data.imgsz)
-    dim = int(self.config.text.dim)
-    conf = float(self.config.eval.conf_threshold)
+    mine = self.local_block_positions()
+    steps = [blocks[first:first + g] for first in range(0, len(blocks), g)]
+    local = [[(pos, step[pos]) for pos in mine if pos < len(step)] for step in steps]
+    vectors = self.embed_queries([examples[i]['captions'][q] for step in local for _, block in step
+                                  for _, i, q in block.queries])
+    size, dim = int(self.config.data.imgsz), int(self.config.text.dim)
+
+    self.decoded_images = 0
+
+    def host_step(step_blocks):
+      arrays = {}
+      for pos in mine:
+        images = np.zeros((n, size, size, 3), np.uint8)
+        queries = np.zeros((m, dim), np.float32)
+        owner = np.zeros((m,), np.int32)
+        arrays[pos] = (images, queries, owner)
+      for pos, block in step_blocks:
+        images, queries, owner = arrays[pos]
+        for slot, i in enumerate(block.images):
+          images[slot] = image_of(i)
+          self.decoded_images += 1
+        for j, (slot, i, q) in enumerate(block.queries):
+          queries[j] = vectors[examples[i]['captions'][q].strip()]
+          owner[j] = slot
+      return arrays
+
     answers: dict[tuple[int, int], tuple[np.ndarray, float]] = {}
     start_time = time.perf_counter()
-    done_queries = 0
     total_queries = sum(len(ex['captions']) for ex in examples)
-    for first in range(0, len(blocks), g):
-      step_blocks = blocks[first:first + g]
-      images = np.zeros((g * n, size, size, 3), np.uint8)
-      queries = np.zeros((g * m, dim), np.float32)
-      owner = np.zeros((g * m,), np.int32)
-      for b, block in enumerate(step_blocks):
-        for slot, i in enumerate(block.images):
-          images[b * n + slot] = examples[i]['image']
-        for j, (slot, i, q) in enumerate(block.queries):
-          queries[b * m + j] = vectors[examples[i]['captions'][q].strip()]
-          owner[b * m + j] = slot
-      boxes, scores = self.predict_packed(images, queries, owner)
-      for b, block in enumerate(step_blocks):
-        for j, (_, i, q) in enumerate(block.queries):
-          answers[(i, q)] = (boxes[b * m + j], float(scores[b * m + j]))
-        done_queries += len(block.queries)
-      if progress and jax.process_index() == 0:
-        elapsed = time.perf_counter() - start_time
-        sys.stdout.write(f'\reval {done_queries}/{total_queries} queries  '
-                         f'{done_queries / max(elapsed, 1e-9):.1f} queries/s')
-        sys.stdout.flush()
+    placed_steps = prefetch_lib.DevicePrefetch(map(host_step, local), self._place_step, size=2)
+    with placed_steps:
+      for done, (step_blocks, placed) in enumerate(zip(local, placed_steps), 1):
+        boxes, scores = self._predict_placed(*placed)
+        by_position = dict(step_blocks)
+        for (first, box_rows), (_, score_rows) in zip(_by_start(boxes), _by_start(scores)):
+          block = by_position.get(first // m)
+          if block is None:                # a device of this process with no block in the last step
+            continue
+          box_rows, score_rows = np.asarray(box_rows), np.asarray(score_rows)
+          for j, (_, i, q) in enumerate(block.queries):
+            answers[(i, q)] = (box_rows[j], float(score_rows[j]))
+        if progress and jax.process_index() == 0:
+          elapsed = time.perf_counter() - start_time
+          sys.stdout.write(f'\reval step {done}/{len(steps)}  '
+                           f'{total_queries * done / len(steps) / max(elapsed, 1e-9):.1f} queries/s')
+          sys.stdout.flush()
     if progress and jax.process_index() == 0 and blocks:
       sys.stdout.write('\n')
+    answers = _gather_answers(answers)
     results: list[QueryResult] = []
+    conf = float(self.config.eval.conf_threshold)
     for i, ex in enumerate(examples):
       lb = ex['letterbox']
       h, w = ex['orig_size']
@@ -318,6 +419,41 @@ class Grounder:
             gt_box=np.asarray(ex['gt_boxes'][q], np.float64),
             category=str(category_names[int(ex['category_ids'][q])]), image_index=i))
     return results
+
+
+def _by_start(array: jax.Array) -> list[tuple[int, Any]]:
+  """This process's shards of a leading-axis-sharded array as (first row, data), one per device."""
+  return sorted(((shard.index[0].start or 0, shard.data) for shard in array.addressable_shards),
+                key=lambda item: item[0])
+
+
+def _gather_answers(answers: dict[tuple[int, int], tuple[np.ndarray, float]]
+                    ) -> dict[tuple[int, int], tuple[np.ndarray, float]]:
+  """Every process's answers, on every process (one all-gather at the end of an evaluation). Boxes and
+  scores travel as float32, exactly as the device produced them."""
+  if jax.process_count() == 1:
+    return answers
+  from jax.experimental import multihost_utils
+  keys = sorted(answers)
+  rows = np.zeros((len(keys), 7), np.float32)
+  ids = np.asarray(keys, np.int32).reshape(-1, 2)
+  for k, key in enumerate(keys):
+    box, score = answers[key]
+    rows[k, :4] = box
+    rows[k, 4] = score
+  counts = np.asarray(multihost_utils.process_allgather(np.asarray([len(keys)], np.int32))).reshape(-1)
+  width = int(counts.max())
+  padded_ids = np.zeros((width, 2), np.int32)
+  padded_ids[:len(keys)] = ids
+  padded_rows = np.zeros((width, 7), np.float32)
+  padded_rows[:len(keys)] = rows
+  all_ids = np.asarray(multihost_utils.process_allgather(padded_ids)).reshape(len(counts), width, 2)
+  all_rows = np.asarray(multihost_utils.process_allgather(padded_rows)).reshape(len(counts), width, 7)
+  merged = {}
+  for p, count in enumerate(counts):
+    for k in range(int(count)):
+      merged[(int(all_ids[p, k, 0]), int(all_ids[p, k, 1]))] = (all_rows[p, k, :4].copy(), float(all_rows[p, k, 4]))
+  return merged
 
 
 def score_results(results: Sequence[QueryResult], examples: Sequence[dict]) -> dict:
@@ -348,27 +484,64 @@ def write_outputs(metrics: dict, results: Sequence[QueryResult], *, output: str 
                                       [r.score for r in results])
 
 
-def evaluate_split(grounder: Grounder, config: ml_collections.ConfigDict, split: str, *,
+class EvalSplit:
+  """A split of the config's TFDS dataset, ready to evaluate: the per-image metadata of every image
+  (`pipeline.eval_metadata`, no pixels: a few hundred bytes an image) and `canvas(i)`, which decodes and
+  letterboxes image i on demand. Only the images of a process's own blocks are ever decoded."""
+
+  def __init__(self, config: ml_collections.ConfigDict, split: str):
+    from optisar_jax.data.sources import open_source
+    self.imgsz, self.pad_value = int(config.data.imgsz), int(config.data.pad_value)
+    self.split = split
+    self.source = open_source(config, split, skip_images=True)
+    self.category_names = list(self.source.dataset_info.features['objects']['category'].names)
+    self.examples = [pipeline.eval_metadata(self.source[i], i, self.imgsz) for i in range(len(self.source))]
+
+  def canvas(self, i: int) -> np.ndarray:
+    """The letterboxed uint8 (imgsz, imgsz, 3) canvas of example i."""
+    return pipeline.eval_canvas(self.source[self.examples[i]['index']], self.imgsz, self.pad_value)
+
+
+def evaluate_split(grounder: Grounder, config: ml_collections.ConfigDict, split: str | EvalSplit, *,
                    progress: bool = True) -> tuple[dict, list[QueryResult], list[dict]]:
-  """(metrics, per-query results, examples) of `split` of the config's TFDS dataset."""
-  from optisar_jax.data.sources import open_source
-  source = open_source(config, split)
-  names = list(source.dataset_info.features['objects']['category'].names)
-  examples = list(pipeline.make_eval_examples(source, int(config.data.imgsz),
-                                              pad_value=int(config.data.pad_value)))
-  results = grounder.run(examples, category_names=names, progress=progress)
-  return score_results(results, examples), results, examples
+  """(metrics, per-query results, per-image metadata) of `split` (a name, or an `EvalSplit` read before).
+
+  Streams: each process decodes only the images its own devices run, a step ahead of them, so host memory
+  does not grow with the split; the answers are gathered at the end, and every process returns all of them.
+  """
+  data = split if isinstance(split, EvalSplit) else EvalSplit(config, split)
+  results = grounder.run(data.examples, category_names=data.category_names, progress=progress,
+                         image_of=data.canvas)
+  return score_results(results, data.examples), results, data.examples
+
+
+class Validator:
+  """The training loop's periodic validation: one Grounder (one compiled predict), the run's texts and the
+  split's metadata, built at the first call and reused; each call evaluates new weights."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, *, split: str, mesh=None):
+    self.config, self.workdir, self.split_name, self.mesh = config, workdir, split, mesh
+    self._grounder: Grounder | None = None
+    self._split: EvalSplit | None = None
+
+  def __call__(self, state: dict, *, use_ema: bool | None = None, progress: bool = False) -> dict:
+    """Metrics of the EMA (or live) weights of `state` on the split."""
+    use_ema = self.config.eval.use_ema if use_ema is None else use_ema
+    weights = state['ema'] if use_ema else {'params': state['params'], 'rest': state['rest']}
+    if self._grounder is None:
+      texts = texts_lib.load_run_texts(self.config, self.workdir)
+      self._grounder = Grounder(self.config, weights['params'], weights['rest'], texts, mesh=self.mesh)
+      self._split = EvalSplit(self.config, self.split_name)
+    else:
+      self._grounder.set_weights(weights['params'], weights['rest'])
+    metrics, _, _ = evaluate_split(self._grounder, self.config, self._split, progress=progress)
+    return metrics
 
 
 def evaluate_state(config: ml_collections.ConfigDict, workdir: str, state: dict, *, split: str,
                    mesh=None, progress: bool = False, use_ema: bool | None = None) -> dict:
-  """Metrics of an in-memory train state (the loop's periodic validation)."""
-  use_ema = config.eval.use_ema if use_ema is None else use_ema
-  weights = state['ema'] if use_ema else {'params': state['params'], 'rest': state['rest']}
-  texts = texts_lib.load_run_texts(config, workdir)
-  grounder = Grounder(config, weights['params'], weights['rest'], texts, mesh=mesh)
-  metrics, _, _ = evaluate_split(grounder, config, split, progress=progress)
-  return metrics
+  """Metrics of an in-memory train state (one-off; the training loop keeps a `Validator`)."""
+  return Validator(config, workdir, split=split, mesh=mesh)(state, use_ema=use_ema, progress=progress)
 
 
 # -------------------------------------------------------------------------------- trained workdirs

@@ -38,6 +38,8 @@ def main() -> int:
   parser.add_argument('--against_cpu_ynnpack', choices=['all', 'reduce', 'none'], default=None,
                       help="forward/train_step: time the same program compiled with xla.cpu_ynnpack_{eval,train} "
                            "= this choice, alternating (XLA:CPU's kernel libraries, compile_options.py)")
+  parser.add_argument('--split', default=None, help="evaluate: the synthetic dataset's split to evaluate "
+                      "(default test; train holds 80 %% of --num_images)")
   parser.add_argument('--against_workers', default=None,
                       help="input: also time these grain worker counts (e.g. 0,1,2), alternating rounds with "
                            "the config's data.worker_count")
@@ -57,6 +59,10 @@ def main() -> int:
     if args.what != 'input':
       raise ValueError(f'--against_workers: not available for --what {args.what}')
     kwargs['against_workers'] = args.against_workers
+  if args.split is not None:
+    if args.what != 'evaluate':
+      raise ValueError(f'--split: not available for --what {args.what}')
+    kwargs['split'] = args.split
   if args.num_images is not None:
     if args.what not in ('evaluate', 'input'):
       raise ValueError(f'--num_images: not available for --what {args.what}')

@@ -69,10 +69,15 @@ def evaluate_workdir(workdir: str, *, split: str | None = None, output: str | No
   grounder = evaluation.load_grounder(workdir, use_ema=use_ema, best=best, overrides=overrides)
   split = split or grounder.config.eval.split
   metrics, results, _ = evaluation.evaluate_split(grounder, grounder.config, split)
+  import jax
+  if jax.process_count() > 1:
+    print(f'process {jax.process_index()}: decoded {grounder.decoded_images} image slots '
+          f'({len(results)} queries in the split)', flush=True)
   output = output or os.path.join(workdir, 'eval', f'{split}_metrics.json')
   evaluation.write_outputs(metrics, results, output=output, predictions_out=predictions_out)
-  print(metrics_lib.format_metrics_table(metrics, per_category=per_category))
-  print(f'wrote {output}' + (f' and {predictions_out}' if predictions_out else ''))
+  if jax.process_index() == 0:         # every process holds the same metrics; process 0 reports and writes
+    print(metrics_lib.format_metrics_table(metrics, per_category=per_category))
+    print(f'wrote {output}' + (f' and {predictions_out}' if predictions_out else ''))
   return metrics
 
 

@@ -62,11 +62,7 @@ def test_batched_queries_equal_one_query_per_forward(trained_tiny, test_split):
   workdir, config = trained_tiny
   _, batched, examples = test_split
   single = _grounder(workdir, config, jax.devices()[:1], eval__max_queries_per_image=1)
-  names = [r.category for r in batched]
-  del names
-  from optisar_jax.data.sources import open_source
-  categories = open_source(config, 'test').dataset_info.features['objects']['category'].names
-  one_by_one = single.run(examples, category_names=categories, progress=False)
+  _, one_by_one, _ = evaluation.evaluate_split(single, config, 'test', progress=False)
   assert [r.query_id for r in one_by_one] == [r.query_id for r in batched]
   for a, b in zip(batched, one_by_one):
     assert a.score == pytest.approx(b.score, rel=1e-4, abs=1e-6)

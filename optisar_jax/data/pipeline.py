@@ -36,6 +36,7 @@ Evaluation (`make_eval_examples`) yields one letterboxed image with all of its q
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import time
@@ -365,11 +366,30 @@ def make_train_dataset(source, config, vocabulary: TextVocabulary, *, process_in
                       global_pool=global_pool, num_steps=num_steps)
 
 
-def make_eval_examples(source, imgsz: int, *, pad_value: int = 114, process_index: int = 0,
-                       process_count: int = 1) -> Iterator[dict]:
-  """One dict per image (images i with i % process_count == process_index), in source order:
+def _decoded(image) -> np.ndarray:
+  """A record's image as (H, W, 3) uint8: decoded arrays as they are, encoded bytes (a source opened with
+  `skip_images`) decoded with PIL."""
+  if isinstance(image, (bytes, np.bytes_)):
+    from PIL import Image
+    with Image.open(io.BytesIO(bytes(image))) as pil:
+      return augment._as_rgb(np.asarray(pil.convert('RGB')))
+  return augment._as_rgb(image)
 
-    image         uint8 (imgsz, imgsz, 3) letterboxed RGB
+
+def _image_size(image) -> tuple[int, int]:
+  """(H, W) of a record's image without decoding encoded bytes (PIL reads the header only)."""
+  if isinstance(image, (bytes, np.bytes_)):
+    from PIL import Image
+    with Image.open(io.BytesIO(bytes(image))) as pil:
+      return pil.size[1], pil.size[0]
+  shape = np.shape(image)
+  return int(shape[0]), int(shape[1])
+
+
+def eval_metadata(record, index: int, imgsz: int) -> dict:
+  """Everything evaluation needs of one record but its pixels (a few hundred bytes per image):
+
+    index         position in the source (`eval_canvas(source[index], ...)` gives the pixels)
     letterbox     augment.LetterboxParams(ratio, left, top); canvas = original * ratio + (left, top)
     orig_size     (H, W)
     image_id, filename
@@ -379,20 +399,34 @@ def make_eval_examples(source, imgsz: int, *, pad_value: int = 114, process_inde
     category_ids  int64 (Q,)
     domain        int (0 optical, 1 SAR)
   """
+  h, w = _image_size(record['image'])
+  params, _ = augment.letterbox_params(h, w, imgsz)
+  objects = record['objects']
+  bbox = np.asarray(objects['bbox'], np.float64).reshape(-1, 4)
+  gt = (bbox[:, [1, 0, 3, 2]] * np.array([w, h, w, h], np.float64)).astype(np.float32)
+  return {'index': int(index), 'letterbox': params, 'orig_size': (h, w),
+          'image_id': int(record.get('image/id', index)), 'filename': _text(record.get('image/filename', b'')),
+          'query_ids': np.asarray(objects['id'], np.int64).reshape(-1),
+          'captions': [_text(c).strip() for c in objects['caption']], 'gt_boxes': gt,
+          'category_ids': np.asarray(objects['category'], np.int64).reshape(-1),
+          'domain': int(record.get('domain', 0))}
+
+
+def eval_canvas(record, imgsz: int, pad_value: int = 114) -> np.ndarray:
+  """The letterboxed uint8 (imgsz, imgsz, 3) canvas of one record (decoding it if it is encoded)."""
+  return augment.letterbox(_decoded(record['image']), imgsz, pad_value)[0]
+
+
+def make_eval_examples(source, imgsz: int, *, pad_value: int = 114, process_index: int = 0,
+                       process_count: int = 1) -> Iterator[dict]:
+  """One dict per image (images i with i % process_count == process_index), in source order: the
+  `eval_metadata` keys plus `image`, the letterboxed uint8 (imgsz, imgsz, 3) canvas. (Evaluation of a
+  split streams instead: metadata first, pixels only for the images this process's devices run.)"""
   for i in range(process_index, len(source), process_count):
     record = source[i]
-    image = augment._as_rgb(record['image'])
-    h, w = image.shape[:2]
-    canvas, params = augment.letterbox(image, imgsz, pad_value)
-    objects = record['objects']
-    bbox = np.asarray(objects['bbox'], np.float64).reshape(-1, 4)
-    gt = (bbox[:, [1, 0, 3, 2]] * np.array([w, h, w, h], np.float64)).astype(np.float32)
-    yield {'image': canvas, 'letterbox': params, 'orig_size': (h, w),
-           'image_id': int(record.get('image/id', i)), 'filename': _text(record.get('image/filename', b'')),
-           'query_ids': np.asarray(objects['id'], np.int64).reshape(-1),
-           'captions': [_text(c).strip() for c in objects['caption']], 'gt_boxes': gt,
-           'category_ids': np.asarray(objects['category'], np.int64).reshape(-1),
-           'domain': int(record.get('domain', 0))}
+    example = eval_metadata(record, i, imgsz)
+    example['image'] = eval_canvas(record, imgsz, pad_value)
+    yield example
 
 
 def measure_input_throughput(source, config, vocabulary: TextVocabulary, num_batches: int) -> float:

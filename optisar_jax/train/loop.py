@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from optisar_jax import evaluation
 from optisar_jax.data import pipeline
 from optisar_jax.data import sources
 from optisar_jax.runtime import checkpoint as checkpoint_lib
@@ -115,6 +116,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, coordinator_addres
                                         global_batch_size=config.train.batch_size,
                                         keys=LOSS_KEYS + ('lr',))
   eval_every = config.train.eval_every_steps or (config.train.eval_every_epochs * dataset.steps_per_epoch)
+  validator = evaluation.Validator(config, workdir, split=config.data.eval_split, mesh=mesh)
   last_logged: dict[str, Any] = {}
   pending: list[dict[str, Any]] = []
   skipped = 0
@@ -159,12 +161,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, coordinator_addres
       if step % config.train.checkpoint_every == 0 or step == total_steps or stop:
         checkpointer.save(step, state, dataset.state_at(step), config, force=True)
       if eval_every and step % eval_every == 0 and step < total_steps:
-        _validate(config, workdir, state, step, checkpointer, dataset, writer, printer, mesh)
+        _validate(validator, state, step, checkpointer, dataset, writer, printer, config)
       if stop:
         break
   checkpointer.wait()
   if eval_every and step == total_steps:
-    _validate(config, workdir, state, step, checkpointer, dataset, writer, printer, mesh)
+    _validate(validator, state, step, checkpointer, dataset, writer, printer, config)
   checkpointer.wait()
   checkpointer.close()
   writer.close()
@@ -173,11 +175,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, coordinator_addres
   return last_logged
 
 
-def _validate(config, workdir, state, step, checkpointer, dataset, writer, printer, mesh) -> None:
+def _validate(validator, state, step, checkpointer, dataset, writer, printer, config) -> None:
   """Evaluates the EMA weights on `data.eval_split`, logs val/ metrics, keeps the best by meanIoU."""
-  from optisar_jax import evaluation
-  metrics = evaluation.evaluate_state(config, workdir, state, split=config.data.eval_split, mesh=mesh,
-                                      progress=False)
+  metrics = validator(state)
   row = {'val/Pr@0.5': metrics['all']['Pr@0.5'], 'val/meanIoU': metrics['all']['meanIoU'],
          'val/cumIoU': metrics['all']['cumIoU']}
   writer.write(step, row)
