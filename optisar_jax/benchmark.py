@@ -394,5 +394,41 @@ def bench_input(config, config_name: str, batch: int, imgsz: int, *, warmup: int
   return out
 
 
+def bench_loop(config, config_name: str, batch: int, imgsz: int, *, warmup: int, repeats: int,
+               num_images: int = 400, source=None, log_every: int = 20, **unused) -> dict[str, Any]:
+  """The training loop as `scripts/train.py` runs it (input pipeline with `data.worker_count` workers,
+  device prefetch, the step, logging) against its bare train step, in this process.
+
+  The loop trains a fresh run on a synthetic dataset of `num_images` images for (warmup + repeats)
+  log intervals of `log_every` steps (no checkpoints but the last, no validation); its rate is the median
+  of the logged `images_per_s` of the last `repeats` intervals. Then `bench_train_step` times the same
+  step on a fixed batch. `loop_vs_step` = loop images/s over bare-step images/s.
+  """
+  import tempfile
+  import ml_collections
+  from optisar_jax.train import loop
+  from optisar_jax.train import run_logging
+  del unused, source
+  config.data.imgsz = imgsz
+  config.train.batch_size = batch
+  _synthetic_source(config, num_images, 'train')
+  config.train.num_steps = log_every * (warmup + repeats)
+  config.train.log_every = log_every
+  config.train.checkpoint_every = config.train.num_steps
+  config.train.eval_every_steps = 0
+  config.train.eval_every_epochs = 0
+  with tempfile.TemporaryDirectory(prefix='optisar-bench-loop-') as workdir:
+    loop.train(ml_collections.ConfigDict(config.to_dict()), workdir)
+    rows = [r for r in run_logging.read_metrics(workdir) if 'images_per_s' in r]
+  rates = [r['images_per_s'] for r in rows][-repeats:]
+  step = bench_train_step(config, config_name, batch, imgsz, warmup=2, repeats=max(3, repeats))
+  out = record('loop', config_name, batch, imgsz, [batch / r for r in rates], step['gflops'],
+               worker_count=int(config.data.worker_count), log_every=log_every)
+  out['images_per_s'] = batch / out['median_s']
+  out['step_images_per_s'] = step['images_per_s']
+  out['loop_vs_step'] = out['images_per_s'] / step['images_per_s']
+  return out
+
+
 BENCHMARKS = {'forward': bench_forward, 'train_step': bench_train_step, 'evaluate': bench_evaluate,
-              'input': bench_input}
+              'input': bench_input, 'loop': bench_loop}

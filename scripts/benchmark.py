@@ -11,6 +11,8 @@ ratio = ours / peer (same process, alternating runs). --against needs `pip insta
 --against_cpu_ynnpack C compares with the same program compiled with the config's xla.cpu_ynnpack_* = C.
 --what input --against_workers 1,2 times input rounds with 1 and 2 grain workers against the config's
 data.worker_count (by_workers: images/s, images/s per core, speedup).
+--what loop runs the training loop (input workers, device prefetch, step, logging) on synthetic data and
+the bare train step in one process: images_per_s, step_images_per_s, loop_vs_step.
 """
 
 import argparse
@@ -25,7 +27,7 @@ from optisar_jax import cli  # noqa: E402
 
 def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--what', required=True, choices=['forward', 'train_step', 'evaluate', 'input'])
+  parser.add_argument('--what', required=True, choices=['forward', 'train_step', 'evaluate', 'input', 'loop'])
   parser.add_argument('--config', required=True, help='config file')
   parser.add_argument('--batch', type=int, default=None, help='batch (default: 1 for forward, else the config)')
   parser.add_argument('--imgsz', type=int, default=None, help='input size (default: the config data.imgsz)')
@@ -64,7 +66,7 @@ def main() -> int:
       raise ValueError(f'--split: not available for --what {args.what}')
     kwargs['split'] = args.split
   if args.num_images is not None:
-    if args.what not in ('evaluate', 'input'):
+    if args.what not in ('evaluate', 'input', 'loop'):
       raise ValueError(f'--num_images: not available for --what {args.what}')
     kwargs['num_images'] = args.num_images
   result = benchmark.BENCHMARKS[args.what](config, os.path.basename(args.config), batch, imgsz, **kwargs)

@@ -123,6 +123,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, coordinator_addres
   steps_this_run = 0
   step = start_step
   compiled_step = None
+  last_log = None                        # (step, time) of the previous log, for the images/s column
   # Host batches come from grain (worker processes); the next `data.device_prefetch` are placed on the
   # devices while the current step runs. The iterator state saved with a checkpoint is that of the step
   # reached, not of the batches already prefetched.
@@ -153,6 +154,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, coordinator_addres
         row = {k: float(v) for k, v in fetched[-1].items() if k != 'finite'}
         row.update(optimizer_lib.schedule_values(schedules, step - 1))
         row['epoch'] = (step - 1) // dataset.steps_per_epoch + 1
+        now = time.perf_counter()
+        if last_log is not None:          # the first interval holds the compile: no rate for it
+          row['images_per_s'] = (step - last_log[0]) * config.train.batch_size / (now - last_log[1])
+        last_log = (step, now)
         if skipped:
           row['skipped_steps'] = skipped
         last_logged = writer.write(step, row)
