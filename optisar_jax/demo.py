@@ -33,7 +33,8 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str) -> dict:
     print(f'[demo] writing {config.demo.num_images} synthetic images to {raw_dir}', flush=True)
     make_synthetic_dataset(raw_dir, format='optsar', num_images=int(config.demo.num_images),
                            seed=int(config.demo.seed), overwrite=True)
-  print(f'[demo] building the TFDS dataset in {tfds_dir}', flush=True)
+  built = os.path.isfile(os.path.join(tfds_dir, 'optsar_rsvg', '1.0.0', 'dataset_info.json'))
+  print(f'[demo] {"reusing" if built else "building"} the TFDS dataset in {tfds_dir}', flush=True)
   build_tfds('optsar_rsvg', raw_dir, tfds_dir)
   config.data.data_dir = tfds_dir
   print(f'[demo] training {config.model.scale!r} at {config.data.imgsz} px in {workdir}', flush=True)

@@ -23,8 +23,17 @@ def main() -> int:
   args, config = cli.parse_with_config(parser)
   from optisar_jax.runtime import distributed
   from optisar_jax.train import loop
-  loop.train(config, args.workdir, coordinator_address=args.coordinator_address,
-             num_processes=args.num_processes, process_id=args.process_id)
+  import time
+  import jax
+  start = time.perf_counter()
+  last = loop.train(config, args.workdir, coordinator_address=args.coordinator_address,
+                    num_processes=args.num_processes, process_id=args.process_id)
+  if jax.process_index() == 0 and not last:
+    print(f'train.py: {args.workdir} had already finished training; nothing to do', flush=True)
+  elif jax.process_index() == 0:
+    loss = f"loss {last['loss']:.4f}, " if 'loss' in last else ''
+    print(f"train.py: done at step {last.get('step', '?')} ({loss}{(time.perf_counter() - start) / 60:.1f} min); "
+          f'checkpoints in {args.workdir}/checkpoints, metrics in {args.workdir}/metrics.jsonl', flush=True)
   distributed.shutdown()   # all processes together (see optisar_jax/runtime/distributed.py)
   return 0
 

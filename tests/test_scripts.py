@@ -34,16 +34,18 @@ def test_model_summary_prints_the_reference_parameter_count():
     (['--config', 'configs/tiny.py', '--workdir', 'unused', '--config.train.no_such_key=1'],
      "config key 'train.no_such_key' does not exist"),
     (['--config', 'configs/nope.py', '--workdir', 'unused'], 'configs/nope.py: config file not found'),
-    (['--config', 'configs/tiny.py', '--workdir', 'unused', '--config.data.data_dir=/nonexistent/tfds'],
-     '/nonexistent/tfds'),
+    (['--config', 'configs/tiny.py', '--workdir', 'unused', '--config.data.data_dir=unbuilt/tfds'],
+     "unbuilt/tfds: no built TFDS dataset 'optsar_rsvg'"),
 ])
 def test_train_bad_input_is_one_line_and_nonzero(tmp_path, args, needle):
-  args = [a.replace('unused', str(tmp_path / 'w')) for a in args]
+  args = [a.replace('unused', str(tmp_path / 'w')).replace('unbuilt', str(tmp_path / 'unbuilt')) for a in args]
+  needle = needle.replace('unbuilt', str(tmp_path / 'unbuilt'))
   result = _run('scripts/train.py', *args)
   assert result.returncode != 0
   lines = [line for line in result.stderr.strip().splitlines() if line.startswith('error:')]
   assert len(lines) == 1 and needle in lines[0], result.stderr[-2000:]
   assert 'Traceback' not in result.stderr
+  assert not (tmp_path / 'unbuilt').exists()       # nothing half-built is left behind
 
 
 def test_evaluate_on_a_missing_workdir_is_one_line(tmp_path):

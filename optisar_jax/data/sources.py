@@ -10,6 +10,7 @@ the builders (to register them), never the reverse.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -56,13 +57,30 @@ def build_tfds(dataset: str, manual_dir: str, data_dir: str, *, overwrite: bool 
   return final
 
 
+class _QuietPILDecodeWarning(logging.Filter):
+  """Drops TFDS's "OpenCV is not installed ... Defaulting to PIL" warning: PIL is this project's decoder on
+  purpose (OpenCV is not a dependency), so the warning says nothing a user can act on."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return 'OpenCV is not installed' not in str(record.msg)
+
+
 def open_source(config: ml_collections.ConfigDict, split: str, *, skip_images: bool = False,
                 data_dir: str | None = None):
   """`tfds.data_source` of the config's dataset in `data_dir` (default `config.data.data_dir`); errors name
   the data dir and split. `skip_images` leaves the images encoded (for reading captions only)."""
   data_dir = config.data.data_dir if data_dir is None else data_dir
+  from etils import epath
+  info = epath.Path(data_dir) / config.data.name / TFDS_VERSION / 'dataset_info.json'
+  if not info.exists():      # checked first: tfds.data_source would otherwise try to build it in data_dir
+    raise FileNotFoundError(
+        f"{data_dir}: no built TFDS dataset '{config.data.name}' ({info} is missing); build it with "
+        f'scripts/build_dataset.py --dataset {config.data.name} --manual_dir RELEASE_DIR --data_dir {data_dir}')
   import tensorflow_datasets as tfds
   import tfds_builders  # noqa: F401  (registers optsar_rsvg, dior_rsvg)
+  absl_logger = logging.getLogger('absl')
+  if not any(isinstance(f, _QuietPILDecodeWarning) for f in absl_logger.filters):
+    absl_logger.addFilter(_QuietPILDecodeWarning())
   decoders = {'image': tfds.decode.SkipDecoding()} if skip_images else None
   try:
     return tfds.data_source(config.data.name, split=split, data_dir=data_dir, decoders=decoders)
