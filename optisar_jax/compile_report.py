@@ -305,7 +305,8 @@ def lower_train_step(config, mesh, global_batch: int, vocab_size: int):
   state = sharding_lib.abstract_with_shardings(abstract, shardings)
   replicated = sharding_lib.replicated(mesh)
   batch_sharding = sharding_lib.batch_sharding(mesh)
-  jitted = jax.jit(step_lib.make_train_step(config, train_def, tx),
+  jitted = jax.jit(step_lib.make_train_step(config, train_def, tx, param_shardings=shardings['params'],
+                                            gathered=replicated),
                    in_shardings=(shardings, batch_sharding, replicated, replicated),
                    out_shardings=(shardings, replicated), donate_argnums=(0,),
                    compiler_options=compile_options.compiler_options(config, 'train', platform=mesh_platform(mesh)))
@@ -331,6 +332,7 @@ def lower_predict(config, mesh, per_chip_images: int):
   """The packed evaluation predict of `per_chip_images` image slots and the config's query slots per chip
   (scaled like the images), lowered on `mesh` with the EMA-shaped weights replicated."""
   from optisar_jax import evaluation, grounding
+  from optisar_jax.runtime import compile_options
   from optisar_jax.runtime import sharding as sharding_lib
   model = grounding.abstract_model(config)
   _, eval_def = grounding.graphdefs_of(model)
