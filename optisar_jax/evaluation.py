@@ -44,6 +44,7 @@ from optisar_jax.runtime import compile_options
 from optisar_jax import grounding
 from optisar_jax import metrics as metrics_lib
 from optisar_jax import predictions as predictions_lib
+from optisar_jax.data import augment
 from optisar_jax.data import pipeline
 from optisar_jax.models import box_ops
 from optisar_jax.runtime import distributed
@@ -328,7 +329,6 @@ class Grounder:
 
   def ground(self, image: np.ndarray, queries: Sequence[str]) -> list[tuple[np.ndarray | None, float]]:
     """Grounds several queries on one RGB image (H,W,3) uint8: [(xyxy original pixels | None, score)]."""
-    from optisar_jax.data import augment
     canvas, params = augment.letterbox(np.asarray(image), int(self.config.data.imgsz),
                                        int(self.config.data.pad_value))
     h, w = image.shape[:2]
@@ -410,10 +410,8 @@ class Grounder:
       h, w = ex['orig_size']
       for q, caption in enumerate(ex['captions']):
         canvas_box, score = answers[(i, q)]
-        box = None
-        if score > conf:
-          box = (np.asarray(canvas_box, np.float64) - np.array([lb.left, lb.top, lb.left, lb.top])) / lb.ratio
-          box = np.clip(box, 0.0, np.array([w, h, w, h], np.float64))
+        box = (augment.boxes_from_letterbox(canvas_box, lb, (h, w))[0].astype(np.float64)
+               if score > conf else None)
         results.append(QueryResult(
             query_id=int(ex['query_ids'][q]), caption=caption, box=box, score=score,
             gt_box=np.asarray(ex['gt_boxes'][q], np.float64),

@@ -73,8 +73,33 @@ def test_ciou_broadcasts_and_alpha_has_no_gradient():
   out = jax.jit(box_ops.ciou)(jnp.zeros((3, 1, 4)) + jnp.asarray([0.0, 0.0, 3.0, 3.0]), jnp.ones((1, 5, 4)))
   assert out.shape == (3, 5)
   gt = jnp.asarray([0.0, 0.0, 2.0, 2.0])
-  grad = jax.jit(jax.grad(lambda p: box_ops.ciou(gt, p)))(jnp.asarray([0.0, 0.0, 4.0, 2.0]))
-  assert np.all(np.isfinite(np.asarray(grad)))
+  pred = jnp.asarray([0.5, -0.5, 4.0, 2.0])
+  grad = jax.jit(jax.grad(lambda p: box_ops.ciou(gt, p)))(pred)
+
+  # An independent CIoU whose alpha is a constant (computed once, in numpy, at `pred`): its gradient is
+  # what CIoU's gradient must be when alpha carries none.
+  def terms(p):
+    iw = jnp.maximum(jnp.minimum(gt[2], p[2]) - jnp.maximum(gt[0], p[0]), 0.0)
+    ih = jnp.maximum(jnp.minimum(gt[3], p[3]) - jnp.maximum(gt[1], p[1]), 0.0)
+    inter = iw * ih
+    w1, h1, w2, h2 = gt[2] - gt[0], gt[3] - gt[1], p[2] - p[0], p[3] - p[1]
+    iou = inter / (w1 * h1 + w2 * h2 - inter + box_ops.CIOU_EPS)
+    cw = jnp.maximum(gt[2], p[2]) - jnp.minimum(gt[0], p[0])
+    ch = jnp.maximum(gt[3], p[3]) - jnp.minimum(gt[1], p[1])
+    rho2 = ((p[0] + p[2] - gt[0] - gt[2]) ** 2 + (p[1] + p[3] - gt[1] - gt[3]) ** 2) / 4
+    v = 4 / np.pi ** 2 * (jnp.arctan(w2 / h2) - jnp.arctan(w1 / h1)) ** 2
+    return iou, rho2 / (cw ** 2 + ch ** 2 + box_ops.CIOU_EPS), v
+
+  iou0, _, v0 = (float(x) for x in terms(pred))
+  alpha = v0 / (v0 - iou0 + 1.0 + box_ops.CIOU_EPS)
+  assert alpha > 0.01                               # the alpha term matters at this box
+
+  def reference(p):
+    iou, dist, v = terms(p)
+    return iou - dist - alpha * v
+
+  assert float(box_ops.ciou(gt, pred)) == pytest.approx(float(reference(pred)), abs=1e-6)
+  np.testing.assert_allclose(np.asarray(grad), np.asarray(jax.grad(reference)(pred)), rtol=1e-4, atol=1e-6)
 
 
 def test_unletterbox_boxes():

@@ -157,6 +157,11 @@ def test_deterministic_for_a_generator_and_config_entry_point():
     build_text_slots(np.array([0]), ['an unknown caption'], vocab, cfg.data, np.random.default_rng(0))
 
 
-def test_vocabulary_json_is_plain():
-  vocab = _vocab()
-  json.dumps(vocab.to_json_dict())
+def test_vocabulary_json_is_plain(tmp_path):
+  vocab = V.TextVocabulary(['the ship', 'le navire à gauche', 'background'], global_pool=['the ship'])
+  data = vocab.to_json_dict()
+  assert data == {'format': 'optisar_jax.TextVocabulary/1',
+                  'strings': ['the ship', 'le navire à gauche', 'background'], 'global_pool': ['the ship']}
+  assert json.loads(json.dumps(data)) == data               # plain JSON types only
+  vocab.save(str(tmp_path / 'v.json'))
+  assert json.loads((tmp_path / 'v.json').read_text(encoding='utf-8')) == data   # what is on disk

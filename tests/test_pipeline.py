@@ -175,11 +175,6 @@ def test_eval_examples():
   assert [e['image_id'] for e in shard] == [2]
 
 
-def test_throughput_measurement_runs():
-  cfg = _config()
-  assert P.measure_input_throughput(RECORDS, cfg, _vocab(cfg), 2) > 0
-
-
 def test_worker_processes_give_the_same_batches():
   cfg = _config()
   vocab = _vocab(cfg)

@@ -39,7 +39,6 @@ from __future__ import annotations
 import io
 import math
 import os
-import time
 from typing import Iterator, Sequence
 
 import grain
@@ -427,20 +426,3 @@ def make_eval_examples(source, imgsz: int, *, pad_value: int = 114, process_inde
     example = eval_metadata(record, i, imgsz)
     example['image'] = eval_canvas(record, imgsz, pad_value)
     yield example
-
-
-def measure_input_throughput(source, config, vocabulary: TextVocabulary, num_batches: int) -> float:
-  """Training-input images per second of this process (`TrainDataset.iter_dataset`, `data.worker_count`
-  workers).
-
-  One batch is drawn first as warm-up (worker start, caches); the next `num_batches` are timed.
-  """
-  num_batches = max(1, int(num_batches))
-  dataset = make_train_dataset(source, config, vocabulary, num_steps=num_batches + 1)
-  it = iter(dataset)
-  next(it)
-  start = time.perf_counter()
-  for _ in range(num_batches):
-    next(it)
-  elapsed = time.perf_counter() - start
-  return num_batches * dataset.batch_size / elapsed
