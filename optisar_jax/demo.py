@@ -78,9 +78,9 @@ def write_examples(path: str, results, examples, count: int, canvas_of=None) -> 
     picture = Image.fromarray(np.ascontiguousarray(inner))
     pred = None if r.box is None else r.box * scale
     tiles.append(visualize.draw_grounding(picture, r.caption, pred_box=pred, gt_box=r.gt_box * scale,
-                                          score=r.score, caption_width=30))
+                                          score=r.score, width=192))
   del augment
   os.makedirs(os.path.dirname(path), exist_ok=True)
   tmp = path + '.tmp.png'
-  visualize.make_grid(tiles, columns=4, tile_size=192).save(tmp, format='PNG')
+  visualize.make_grid(tiles, columns=4).save(tmp, format='PNG')
   os.replace(tmp, path)

@@ -42,12 +42,13 @@ def ground_image_file(workdir: str, image_path: str, queries: Sequence[str], *, 
   answers = ground_image(grounder, image, queries)
   if output_png:
     tiles = []
+    tile_width = max(256, image.shape[1]) if len(answers) > 1 else None
     for answer in answers:
       box = answer['bbox']
       xyxy = None if box is None else [box[0], box[1], box[0] + box[2], box[1] + box[3]]
-      tiles.append(visualize.draw_grounding(image, answer['query'], pred_box=xyxy, score=answer['score']))
-    picture = tiles[0] if len(tiles) == 1 else visualize.make_grid(tiles, columns=min(4, len(tiles)),
-                                                                   tile_size=max(256, image.shape[1]))
+      tiles.append(visualize.draw_grounding(image, answer['query'], pred_box=xyxy, score=answer['score'],
+                                            width=tile_width))
+    picture = visualize.make_grid(tiles, columns=min(4, len(tiles)), with_gt=False)
     os.makedirs(os.path.dirname(os.path.abspath(output_png)) or '.', exist_ok=True)
     tmp = output_png + '.tmp.png'
     picture.save(tmp, format='PNG')
