@@ -151,3 +151,16 @@ def test_augment_config_from_config_and_disabled_path():
   del cfg.data.augment['fliplr']
   with pytest.raises(KeyError, match='data.augment.fliplr'):
     A.AugmentConfig.from_config(cfg.data)
+
+
+@pytest.mark.parametrize('hue_gain', [0.985, 1.0, 1.015, 1.999, 2.5, -0.3])
+def test_hsv_table_equals_the_plain_modulo_form(hue_gain):
+  """The fast modulo of hsv_table gives bit-identical tables to np.mod (its exactness argument)."""
+  h, sat, v = A._lut_grid()
+  gh, gs, gv = np.float32(hue_gain), np.float32(1.3), np.float32(0.7)
+  hh = np.mod(h * gh, np.float32(6.0))
+  new_v = np.minimum(v * gv, np.float32(1.0))
+  new_c = np.minimum(sat * gs, np.float32(1.0)) * new_v
+  expected = np.stack([new_v - np.clip(np.minimum(k, np.float32(4.0) - k), 0.0, 1.0) * new_c
+                       for k in (np.mod(hh + np.float32(n), np.float32(6.0)) for n in (5.0, 3.0, 1.0))], axis=1)
+  np.testing.assert_array_equal(A.hsv_table((hue_gain, 1.3, 0.7)), expected.ravel())

@@ -369,18 +369,25 @@ def _lut_grid():
 
 
 def hsv_table(gains: Sequence[float]) -> np.ndarray:
-  """Colour table (33^3 x 3, values in [0, 1]) of the reference HSV gain transform."""
+  """Colour table (33^3 x 3, values in [0, 1]) of the reference HSV gain transform.
+
+  The table is rebuilt for every sample (about 0.4 ms), so its modulo-6 steps avoid np.mod: for x in
+  [6, 12), x - 6 is exact in float32 (Sterbenz), hence equal to x mod 6 bit for bit."""
   gh, gs, gv = (np.float32(g) for g in gains)
   h, sat, v = _lut_grid()
   h = h * gh                                    # OpenCV: hue * gain modulo 180 (= 6 sectors of 30)
-  h %= 6.0
+  if 0.0 <= gh < 2.0:                           # h * gh in [0, 12): one subtraction is the modulo
+    np.subtract(h, np.float32(6.0), out=h, where=h >= 6.0)
+  else:
+    h %= 6.0
   new_v = np.minimum(v * gv, np.float32(1.0))
   new_c = np.minimum(sat * gs, np.float32(1.0))
   new_c *= new_v                                # chroma = V' * min(S * gain, 1)
   out = np.empty((h.size, 3), np.float32)
+  k = np.empty_like(h)
   for ch, n in enumerate((5.0, 3.0, 1.0)):
-    k = h + np.float32(n)
-    k %= 6.0
+    np.add(h, np.float32(n), out=k)             # in [1, 11): one subtraction is the modulo
+    np.subtract(k, np.float32(6.0), out=k, where=k >= 6.0)
     w = np.minimum(k, np.float32(4.0) - k)
     np.clip(w, 0.0, 1.0, out=w)
     w *= new_c
