@@ -339,7 +339,8 @@ def bench_input(config, config_name: str, batch: int, imgsz: int, *, warmup: int
   `data.worker_count` worker processes), draws `warmup` batches untimed (worker start-up, their first
   buffers), times the next `batches_per_round` batches, and stops the pipeline, so no worker runs outside
   its own round. `against_workers` ('1,2'): the same rounds with those worker counts, alternating with the
-  config's (config, 1, 2, config, 1, 2, ...) in this process; `repeats` rounds each. Reported per worker
+  config's (config, 1, 2, config, 1, 2, ...) in this process; `repeats` rounds each; `peer`,
+  `peer_median_s` and `ratio` (= ours / peer) describe the first listed count, `by_workers` all of them. Reported per worker
   count: the median round's images/s and images/s per busy core (max(1, workers): with no worker the
   training thread does the work).
   """
@@ -385,6 +386,9 @@ def bench_input(config, config_name: str, batch: int, imgsz: int, *, warmup: int
   out['images_per_s'] = batch / out['median_s']
   out['images_per_s_per_core'] = out['images_per_s'] / max(1, ours)
   if against_workers:
+    peer_median = summarize(rounds[counts[1]])['median_s']   # the first listed count is `peer`
+    out.update(peer=f'data.worker_count={counts[1]}', peer_median_s=peer_median,
+               ratio=out['median_s'] / peer_median)
     out['by_workers'] = {}
     for w in counts[1:]:
       median = summarize(rounds[w])['median_s']

@@ -53,4 +53,4 @@ def ground_image_file(workdir: str, image_path: str, queries: Sequence[str], *, 
     tmp = output_png + '.tmp.png'
     picture.save(tmp, format='PNG')
     os.replace(tmp, output_png)
-  return [{'bbox': a['bbox'], 'score': a['score']} if len(answers) == 1 else a for a in answers]
+  return answers

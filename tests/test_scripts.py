@@ -65,6 +65,8 @@ def test_benchmark_input_against_workers():
   assert result['repeats'] == 2 and result['batches_per_round'] == 6
   assert result['images_per_s'] == pytest.approx(4 / result['median_s'])
   one = result['by_workers']['1']
+  assert result['peer'] == 'data.worker_count=1' and result['peer_median_s'] == one['median_s']
+  assert result['ratio'] == pytest.approx(result['median_s'] / one['median_s'])
   assert one['images_per_s'] == pytest.approx(4 / one['median_s'])
   assert one['speedup'] == pytest.approx(result['median_s'] / one['median_s'])
   assert result['min_s'] <= result['median_s'] <= result['max_s']
