@@ -55,32 +55,8 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def write_examples(path: str, results, examples, count: int, canvas_of=None) -> None:
-  """A grid of test queries (one per image, evenly spread): ground truth green, prediction red.
-  `canvas_of(i)` gives example i's letterboxed canvas (default: `examples[i]['image']`)."""
-  from optisar_jax.data import augment
-  first_of_image = {}
-  for r in results:
-    first_of_image.setdefault(r.image_index, r)
-  chosen = list(first_of_image.values())
-  if len(chosen) > count:
-    chosen = [chosen[i] for i in np.linspace(0, len(chosen) - 1, count).round().astype(int)]
-  tiles = []
-  for r in chosen:
-    ex = examples[r.image_index]
-    lb = ex['letterbox']
-    h, w = ex['orig_size']
-    # Crop the letterbox padding off the canvas and scale back: the original image as the model saw it.
-    canvas = ex['image'] if canvas_of is None else canvas_of(r.image_index)
-    top, left = int(round(lb.top)), int(round(lb.left))
-    inner = canvas[top:top + int(round(h * lb.ratio)), left:left + int(round(w * lb.ratio))]
-    scale = inner.shape[1] / w
-    from PIL import Image
-    picture = Image.fromarray(np.ascontiguousarray(inner))
-    pred = None if r.box is None else r.box * scale
-    tiles.append(visualize.draw_grounding(picture, r.caption, pred_box=pred, gt_box=r.gt_box * scale,
-                                          score=r.score, width=192))
-  del augment
+  """The demo's examples.png: `visualize.examples_grid` written atomically."""
   os.makedirs(os.path.dirname(path), exist_ok=True)
   tmp = path + '.tmp.png'
-  visualize.make_grid(tiles, columns=4).save(tmp, format='PNG')
+  visualize.examples_grid(results, examples, count, canvas_of=canvas_of).save(tmp, format='PNG')
   os.replace(tmp, path)

@@ -262,14 +262,16 @@ class Grounder:
         return model.text_tower(chunk)
 
       self._tower = jax.jit(run)
+    device = jax.local_devices()[0]
     if self._tower_weights is None:
-      self._tower_weights = jax.device_put(jax.tree.map(_host_copy, (self.params, self.rest)),
-                                           jax.local_devices()[0])
+      self._tower_weights = jax.device_put(jax.tree.map(_host_copy, (self.params, self.rest)), device)
     n = tokens.shape[0]
     padded = math.ceil(max(n, 1) / TEXT_CHUNK) * TEXT_CHUNK
     tokens = np.concatenate([tokens, np.zeros((padded - n, tokens.shape[1]), tokens.dtype)])
-    parts = [np.asarray(self._tower(*self._tower_weights, tokens[i:i + TEXT_CHUNK]))
-             for i in range(0, padded, TEXT_CHUNK)]
+    # A one-device mesh of its own: a caller's mesh (the training loop's) must not claim this computation.
+    with jax.set_mesh(jax.sharding.Mesh(np.array([device]), ('one',))):
+      parts = [np.asarray(self._tower(*self._tower_weights, tokens[i:i + TEXT_CHUNK]))
+               for i in range(0, padded, TEXT_CHUNK)]
     return np.concatenate(parts)[:n]
 
   def embed_queries(self, strings: Sequence[str]) -> dict[str, np.ndarray]:
@@ -482,6 +484,19 @@ def write_outputs(metrics: dict, results: Sequence[QueryResult], *, output: str 
                                       [r.score for r in results])
 
 
+def gate_values(params) -> dict[str, dict[str, list[float]]]:
+  """The learned TGDF-SSA gates per fusion layer: {layer path: {'weight_gate': [nh], 'feature_gate': [nh]}}
+  (one value per attention head; both start at `model.tgdg.gate_init`, the reference's (0, 0) gates stay
+  dead, see docs/architecture.md)."""
+  gates: dict[str, dict[str, list[float]]] = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    name = sharding_lib.path_to_str(path)
+    layer, _, kind = name.rpartition('/')
+    if kind in ('weight_gate', 'feature_gate'):
+      gates.setdefault(layer, {})[kind] = [float(v) for v in np.asarray(_host_copy(leaf)).reshape(-1)]
+  return dict(sorted(gates.items()))
+
+
 class EvalSplit:
   """A split of the config's TFDS dataset, ready to evaluate: the per-image metadata of every image
   (`pipeline.eval_metadata`, no pixels: a few hundred bytes an image) and `canvas(i)`, which decodes and
@@ -521,6 +536,7 @@ class Validator:
     self.config, self.workdir, self.split_name, self.mesh = config, workdir, split, mesh
     self._grounder: Grounder | None = None
     self._split: EvalSplit | None = None
+    self.last_results: list[QueryResult] = []
 
   def __call__(self, state: dict, *, use_ema: bool | None = None, progress: bool = False) -> dict:
     """Metrics of the EMA (or live) weights of `state` on the split."""
@@ -532,8 +548,14 @@ class Validator:
       self._split = EvalSplit(self.config, self.split_name)
     else:
       self._grounder.set_weights(weights['params'], weights['rest'])
-    metrics, _, _ = evaluate_split(self._grounder, self.config, self._split, progress=progress)
+    metrics, self.last_results, _ = evaluate_split(self._grounder, self.config, self._split, progress=progress)
     return metrics
+
+  def examples_picture(self, count: int) -> np.ndarray:
+    """RGB uint8 grid of `count` answers of the last call (`visualize.examples_grid`)."""
+    from optisar_jax import visualize
+    grid = visualize.examples_grid(self.last_results, self._split.examples, count, canvas_of=self._split.canvas)
+    return np.asarray(grid)
 
 
 def evaluate_state(config: ml_collections.ConfigDict, workdir: str, state: dict, *, split: str,

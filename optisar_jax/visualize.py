@@ -109,3 +109,31 @@ def make_grid(tiles: Sequence[Image.Image], columns: int = 4, padding: int = 4, 
       grid.paste(tile, (padding + c * (col_width + padding), y))
     y += row_heights[r] + padding
   return grid
+
+
+def examples_grid(results, examples, count: int, *, canvas_of=None, columns: int = 4,
+                  tile_width: int = 192) -> Image.Image:
+  """A grid of grounded queries, one per image, `count` images evenly spread over the split: each tile is
+  the image as the model saw it (the letterbox canvas without its bars), ground truth green, prediction
+  red, the query and score underneath. `results` are evaluation QueryResults, `examples` the per-image
+  metadata (`letterbox`, `orig_size`); `canvas_of(i)` gives image i's canvas (default
+  `examples[i]['image']`)."""
+  first_of_image = {}
+  for r in results:
+    first_of_image.setdefault(r.image_index, r)
+  chosen = list(first_of_image.values())
+  if len(chosen) > count:
+    chosen = [chosen[i] for i in np.linspace(0, len(chosen) - 1, count).round().astype(int)]
+  tiles = []
+  for r in chosen:
+    ex = examples[r.image_index]
+    lb = ex['letterbox']
+    h, w = ex['orig_size']
+    canvas = ex['image'] if canvas_of is None else canvas_of(r.image_index)
+    top, left = int(round(lb.top)), int(round(lb.left))
+    inner = canvas[top:top + int(round(h * lb.ratio)), left:left + int(round(w * lb.ratio))]
+    scale = inner.shape[1] / w
+    pred = None if r.box is None else np.asarray(r.box) * scale
+    tiles.append(draw_grounding(np.ascontiguousarray(inner), r.caption, pred_box=pred,
+                                gt_box=np.asarray(r.gt_box) * scale, score=r.score, width=tile_width))
+  return make_grid(tiles, columns=columns)

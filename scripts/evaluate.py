@@ -75,7 +75,9 @@ def evaluate_workdir(workdir: str, *, split: str | None = None, output: str | No
           f'({len(results)} queries in the split)', flush=True)
   output = output or os.path.join(workdir, 'eval', f'{split}_metrics.json')
   evaluation.write_outputs(metrics, results, output=output, predictions_out=predictions_out)
-  if jax.process_index() == 0:         # every process holds the same metrics; process 0 reports and writes
+  if jax.process_index() == 0:
+    gates_path = os.path.join(os.path.dirname(os.path.abspath(output)), 'gates.json')
+    predictions_lib.write_json_atomic(gates_path, evaluation.gate_values(grounder.params))         # every process holds the same metrics; process 0 reports and writes
     print(metrics_lib.format_metrics_table(metrics, per_category=per_category))
     print(f'wrote {output}' + (f' and {predictions_out}' if predictions_out else ''))
   return metrics

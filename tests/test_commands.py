@@ -108,3 +108,42 @@ def test_demo_rerun_only_evaluates(tmp_path):
   with open(os.path.join(workdir, 'eval', 'test_metrics.json')) as f:
     assert json.load(f) == metrics
   assert Image.open(os.path.join(workdir, 'eval', 'examples.png')).width > 0
+
+
+@pytest.mark.slow
+def test_evaluate_writes_the_learned_gates(trained_tiny, tmp_path):
+  workdir, config = trained_tiny
+  out = _run('scripts/evaluate.py', '--workdir', workdir, '--split', 'test', '--output', str(tmp_path / 'm.json'))
+  assert out.returncode == 0, out.stderr[-2000:]
+  with open(tmp_path / 'gates.json') as f:
+    gates = json.load(f)
+  from optisar_jax import evaluation
+  params, _, _, _ = evaluation.restore_weights(config, workdir)
+  assert gates == evaluation.gate_values(params)
+  heads = config.model.tgdg.num_heads
+  assert len(gates) == 3 and all(len(g['weight_gate']) == len(g['feature_gate']) == heads for g in gates.values())
+  # Four steps from the (1, 0) initialisation move the gates a little, and only a little.
+  assert all(abs(v - 1.0) < 0.1 for g in gates.values() for v in g['weight_gate'])
+
+
+@pytest.mark.slow
+def test_periodic_validation_draws_answers_and_keeps_the_best(synthetic_tfds, tmp_path):
+  from conftest import tiny_config
+  from optisar_jax import evaluation
+  from optisar_jax.train import loop, run_logging
+  from optisar_jax import visualize
+  workdir = str(tmp_path / 'run')
+  config = tiny_config(synthetic_tfds[1], 'train.num_steps=4', 'train.checkpoint_every=4', 'train.eval_every_steps=2',
+                       'data.eval_split=test', 'train.val_examples_shown=4')
+  loop.train(config, workdir)
+  rows = [r for r in run_logging.read_metrics(workdir) if 'val/meanIoU' in r]
+  assert [r['step'] for r in rows] == [2, 4]
+  for step in (2, 4):
+    picture = np.asarray(Image.open(os.path.join(workdir, 'val', f'step_{step}.png')))
+    colours = {tuple(p) for p in picture[:visualize.LINE_HEIGHT + 8].reshape(-1, 3)}
+    assert visualize.GT_COLOUR in colours and visualize.PRED_COLOUR in colours      # the legend
+    assert picture.shape[1] == 4 * (192 + 4) + 4                                    # 4 tiles of 192 px
+  best = max(rows, key=lambda r: (r['val/meanIoU'], -r['step']))
+  _, _, step, _ = evaluation.restore_weights(config, workdir, best=True)
+  assert step == best['step']
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints_best'))) == [str(best['step'])]

@@ -180,6 +180,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, coordinator_addres
   return last_logged
 
 
+def _save_png(path: str, picture: np.ndarray) -> None:
+  """Writes an RGB uint8 array as a PNG (through a temporary file, so a reader never sees half of it)."""
+  from PIL import Image
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = f'{path}.tmp-{os.getpid()}.png'
+  Image.fromarray(picture).save(tmp, format='PNG')
+  os.replace(tmp, path)
+
+
 def _validate(validator, state, step, checkpointer, dataset, writer, printer, config) -> None:
   """Evaluates the EMA weights on `data.eval_split`, logs val/ metrics, keeps the best by meanIoU."""
   metrics = validator(state)
@@ -187,5 +196,10 @@ def _validate(validator, state, step, checkpointer, dataset, writer, printer, co
          'val/cumIoU': metrics['all']['cumIoU']}
   writer.write(step, row)
   printer.message(f'step {step}: val Pr@0.5 {row["val/Pr@0.5"]:.2f}  meanIoU {row["val/meanIoU"]:.2f}')
+  shown = int(config.train.val_examples_shown)
+  if shown > 0 and jax.process_index() == 0 and validator.last_results:
+    picture = validator.examples_picture(shown)       # ground truth green, prediction red
+    writer.write_image(step, 'val/examples', picture)
+    _save_png(os.path.join(validator.workdir, 'val', f'step_{step}.png'), picture)
   if metrics['all']['meanIoU'] is not None:
     checkpointer.save_best(step, state, metrics['all']['meanIoU'], dataset.state_at(step), config)

@@ -75,6 +75,12 @@ class MetricsWriter:
       self._tb.flush()
     return record
 
+  def write_image(self, step: int, name: str, image) -> None:
+    """Logs an RGB uint8 (H, W, 3) picture to TensorBoard under `name` (process 0; no-op without TB)."""
+    if self.enabled and self._tb is not None:
+      self._tb.add_image(name, np.asarray(image), int(step), dataformats='HWC')
+      self._tb.flush()
+
   def close(self) -> None:
     """Closes the files (further writes are an error)."""
     if self._file is not None:
