@@ -134,3 +134,23 @@ def test_clip_bpe_builder_matches_open_clip_ids():
   reference = np.load(os.path.join(FIXTURES, 'openclip_reference.npz'))
   ids = tokenization.hf_token_ids(tokenizer, [str(reference['strings'][0])], 24)[0]
   assert ids == [int(t) for t in reference['token_ids'][0][:len(ids)]]
+
+
+def test_query_with_unknown_text_warns_once(caplog):
+  """A query the trainable tower's tokenizer cannot spell is read as [UNK]: the embedder says so, once."""
+  from optisar_jax.config import load_config
+  from optisar_jax.data.vocabulary import TextVocabulary
+  from optisar_jax.text import run_texts, tokenization
+  config = load_config('tiny')
+  tokenizer = tokenization.build_caption_tokenizer(['the ship on the left', 'a bridge'], 64)
+  texts = run_texts.RunTexts(vocabulary=TextVocabulary(['a bridge']), table=None, tokenizer=tokenizer)
+  seen = []
+  embedder = run_texts.QueryEmbedder(config, texts, embed_tokens=lambda t: seen.append(t) or np.zeros((len(t), 4)))
+  with caplog.at_level('WARNING'):
+    embedder(['the ship on the left'])
+    assert not [r for r in caplog.records if '[UNK]' in r.getMessage()]
+    embedder(['the ship on the left', 'ζ unknown ζ'])
+    embedder(['ζζ'])
+  warnings = [r for r in caplog.records if '[UNK]' in r.getMessage()]
+  assert len(warnings) == 1 and 'ζ unknown ζ' in warnings[0].getMessage()
+  assert (seen[1][1] == tokenization.UNK_ID).any()

@@ -12,6 +12,7 @@ encoder named by `text.encoder`.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from typing import Any, Callable, Sequence
 
@@ -106,6 +107,19 @@ class QueryEmbedder:
     self.texts = texts
     self.embed_tokens = embed_tokens
     self._encoder = None
+    self._warned_unknown = False
+
+  def _warn_unknown(self, strings: Sequence[str], tokens: np.ndarray) -> None:
+    """Warns once when a query holds text the trainable tower's tokenizer cannot spell (it becomes [UNK],
+    which the tower never learned to read)."""
+    from optisar_jax.text import tokenization
+    if self._warned_unknown:
+      return
+    unknown = [s for s, row in zip(strings, tokens) if (row == tokenization.UNK_ID).any()]
+    if unknown:
+      self._warned_unknown = True
+      logging.warning('%d quer%s contain text the trained tokenizer does not know and is read as [UNK], '
+                      'e.g. %r (warned once)', len(unknown), 'y' if len(unknown) == 1 else 'ies', unknown[0])
 
   def __call__(self, strings: Sequence[str]) -> np.ndarray:
     strings = [s.strip() for s in strings]
@@ -114,6 +128,7 @@ class QueryEmbedder:
       if not strings:
         return np.zeros((0, int(self.config.text.dim)), np.float32)
       tokens = tokenization.tokenize(self.texts.tokenizer, strings, int(self.config.text.tower.context_length))
+      self._warn_unknown(strings, tokens)
       return np.asarray(self.embed_tokens(tokens), np.float32)
     out = np.zeros((len(strings), int(self.config.text.dim)), np.float32)
     missing = []
