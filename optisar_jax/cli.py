@@ -80,10 +80,6 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | Non
   return args, config_lib.load_config(args.config, overrides)
 
 
-def config_to_json(config: ml_collections.ConfigDict) -> str:
-  return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list)
-
-
 def run(main: Callable[[], int | None]) -> None:
   """Runs `main`, turning expected input errors into one line on stderr and exit status 2."""
   prepare_runtime()

@@ -32,7 +32,7 @@ import math
 import os
 import re
 import time
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp

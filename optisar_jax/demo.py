@@ -14,7 +14,6 @@ import os
 import time
 
 import ml_collections
-import numpy as np
 
 from optisar_jax import evaluation
 from optisar_jax import metrics as metrics_lib

@@ -32,7 +32,7 @@ import math
 import os
 import sys
 import time
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp

@@ -39,20 +39,6 @@ def test_decode_boxes_pixels():
   np.testing.assert_allclose(boxes[0, 1], [(1.5 - 1) * 8, (0.5 - 0) * 8, (1.5 + 2) * 8, (0.5 + 3) * 8], atol=1e-4)
 
 
-def test_top1_first_index_on_ties():
-  boxes = jnp.arange(2 * 4 * 4, dtype=jnp.float32).reshape(2, 4, 4)
-  scores = jnp.asarray([[0.1, 0.9, 0.9, 0.2], [0.3, 0.2, 0.1, 0.0]])
-  box, score = box_ops.top1(boxes, scores)
-  np.testing.assert_array_equal(np.asarray(box), [[4, 5, 6, 7], [16, 17, 18, 19]])
-  np.testing.assert_allclose(np.asarray(score), [0.9, 0.3])
-
-
-def test_conversions_roundtrip():
-  xyxy = jnp.asarray([[1.0, 2.0, 4.0, 8.0]])
-  np.testing.assert_allclose(np.asarray(box_ops.xyxy_to_xywh(xyxy)), [[1, 2, 3, 6]])
-  np.testing.assert_allclose(np.asarray(box_ops.xywh_to_xyxy(box_ops.xyxy_to_xywh(xyxy))), np.asarray(xyxy))
-
-
 def test_iou_and_ciou_hand_values():
   gt = jnp.asarray([[0.0, 0.0, 4.0, 2.0], [0.0, 0.0, 2.0, 2.0], [0.0, 0.0, 3.0, 3.0], [0.0, 0.0, 3.0, 3.0]])
   pred = jnp.asarray([[1.0, 1.0, 5.0, 3.0], [0.0, 0.0, 4.0, 2.0], [0.0, 0.0, 3.0, 3.0], [9.0, 9.0, 10.0, 10.0]])
@@ -102,12 +88,3 @@ def test_ciou_broadcasts_and_alpha_has_no_gradient():
   np.testing.assert_allclose(np.asarray(grad), np.asarray(jax.grad(reference)(pred)), rtol=1e-4, atol=1e-6)
 
 
-def test_unletterbox_boxes():
-  # 100 (h) x 200 (w) image in a 640 canvas: gain 3.2, resized 640 x 320, top pad round(160 - 0.1) = 160.
-  boxes = jnp.asarray([[32.0, 192.0, 640.0, 640.0]])
-  out = np.asarray(jax.jit(box_ops.unletterbox_boxes)(boxes, 3.2, 0.0, 160.0, 100.0, 200.0))
-  np.testing.assert_allclose(out, [[10.0, 10.0, 200.0, 100.0]], atol=1e-4)
-  # Per-box parameters broadcast.
-  out = np.asarray(jax.jit(box_ops.unletterbox_boxes)(jnp.zeros((2, 4)) + 64.0, jnp.asarray([2.0, 4.0]), 0.0, 0.0,
-                                             jnp.asarray([100.0, 10.0]), 100.0))
-  np.testing.assert_allclose(out, [[32, 32, 32, 32], [16, 10, 16, 10]])

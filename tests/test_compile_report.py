@@ -118,7 +118,6 @@ def _leaf_bytes(tree) -> int:
 def test_tiny_train_step_for_tpu_v5e_has_no_batchnorm_all_reduce_and_float32_gradient_sums(tiny_reports):
   from optisar_jax import platform
   from optisar_jax import grounding
-  from optisar_jax.train import step as step_lib
   dp = tiny_reports['dp']
   assert (dp['chips'], dp['global_batch'], dp['mesh']) == (4, 32, {'data': 4, 'fsdp': 1})
   assert dp['compute_dtype'] == 'bfloat16' and dp['weight_grad_dtype'] == 'float32'

@@ -51,7 +51,6 @@ def test_stopped_and_resumed_run_equals_uninterrupted(trained_tiny, tmp_path):
 def _fixed_batch(config):
   from optisar_jax.data import pipeline, sources
   from optisar_jax.data.vocabulary import build_vocabulary
-  from optisar_jax.text import run_texts as texts_lib
   source = sources.open_source(config, 'train')
   captions, names = sources.training_captions(source)
   vocabulary = build_vocabulary(captions, names, config.data)

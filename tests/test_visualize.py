@@ -3,7 +3,6 @@ and a grid with a colour legend (optisar_jax/visualize.py)."""
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from optisar_jax import visualize
 

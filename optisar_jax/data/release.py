@@ -24,8 +24,6 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 import xml.etree.ElementTree as ET
 
 import numpy as np

@@ -89,32 +89,6 @@ def decode_boxes(box_logits: jax.Array, points: jax.Array, stride: jax.Array) ->
   return distances_to_boxes(dfl_expectation(box_logits), points) * stride
 
 
-def top1(boxes: jax.Array, scores: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """The grounding answer: the box of the highest-scoring anchor (first index on ties).
-
-  Args:
-    boxes: (..., A, 4).
-    scores: (..., A).
-
-  Returns:
-    box (..., 4) and its score (...).
-  """
-  index = jnp.argmax(scores, axis=-1)
-  box = jnp.take_along_axis(boxes, index[..., None, None], axis=-2)[..., 0, :]
-  score = jnp.take_along_axis(scores, index[..., None], axis=-1)[..., 0]
-  return box, score
-
-
-def xyxy_to_xywh(boxes: jax.Array) -> jax.Array:
-  """(..., 4) corners -> (..., 4) [x_min, y_min, width, height] (COCO convention)."""
-  return jnp.concatenate([boxes[..., :2], boxes[..., 2:] - boxes[..., :2]], axis=-1)
-
-
-def xywh_to_xyxy(boxes: jax.Array) -> jax.Array:
-  """(..., 4) [x_min, y_min, width, height] -> (..., 4) corners."""
-  return jnp.concatenate([boxes[..., :2], boxes[..., :2] + boxes[..., 2:]], axis=-1)
-
-
 def _iou_terms(box1: jax.Array, box2: jax.Array, eps: float):
   b1_x1, b1_y1, b1_x2, b1_y2 = (box1[..., i] for i in range(4))
   b2_x1, b2_y1, b2_x2, b2_y2 = (box2[..., i] for i in range(4))
@@ -150,20 +124,3 @@ def ciou(box1: jax.Array, box2: jax.Array, eps: float = CIOU_EPS) -> jax.Array:
   return iou - (rho2 / diag2 + v * alpha)
 
 
-def unletterbox_boxes(boxes: jax.Array, gain, pad_left, pad_top, orig_h, orig_w) -> jax.Array:
-  """Undo the letterbox: canvas-pixel xyxy boxes -> original-image xyxy boxes, clipped to the image.
-
-  Args:
-    boxes: (..., 4) xyxy on the letterboxed canvas.
-    gain, pad_left, pad_top, orig_h, orig_w: scalars or arrays broadcastable to boxes.shape[:-1]
-      (resize gain r, left/top padding in canvas pixels, original height/width).
-
-  Returns:
-    (..., 4) xyxy in original pixels: x <- clip((x - left) / r, 0, W), y <- clip((y - top) / r, 0, H).
-  """
-  boxes = jnp.asarray(boxes, jnp.float32)
-  gain, pad_left, pad_top, orig_h, orig_w = (jnp.asarray(v, jnp.float32)[..., None]
-                                             for v in (gain, pad_left, pad_top, orig_h, orig_w))
-  xs = jnp.clip((boxes[..., 0::2] - pad_left) / gain, 0.0, orig_w)
-  ys = jnp.clip((boxes[..., 1::2] - pad_top) / gain, 0.0, orig_h)
-  return jnp.stack([xs[..., 0], ys[..., 0], xs[..., 1], ys[..., 1]], axis=-1)

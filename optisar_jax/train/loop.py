@@ -18,13 +18,11 @@ Semantics worth knowing:
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 

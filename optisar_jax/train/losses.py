@@ -18,7 +18,7 @@ per-device batch size and the world size; we do not).
 
 Anchors are passed in, computed once from the static feature sizes:
 
-    anchors = box_ops.make_anchors(feature_sizes, strides)     # or anchors_from_outputs(outputs, strides)
+    anchors = box_ops.make_anchors(feature_sizes, strides)
     total, components = detection_loss(outputs, batch, anchors, config.loss)
 """
 
@@ -35,12 +35,6 @@ from optisar_jax.models import box_ops
 from optisar_jax.train import assigner
 
 COMPONENTS = ('box', 'cls', 'dfl', 'region', 'moe')
-
-
-def anchors_from_outputs(outputs: Mapping[str, Any], strides: Sequence[int]) -> tuple[jax.Array, jax.Array]:
-  """`make_anchors` for the feature sizes of a model output (read from the static `region_logits` shapes)."""
-  sizes = [(int(r.shape[1]), int(r.shape[2])) for r in outputs['region_logits']]
-  return box_ops.make_anchors(sizes, strides)
 
 
 def region_labels(height: int, width: int, grid: int) -> np.ndarray:
@@ -120,7 +114,7 @@ def detection_loss(outputs: Mapping[str, Any], batch: Mapping[str, Any],
       `region_logits` tuple of (B, H_i, W_i, r_i^2), `moe_aux_loss` scalar (optional).
     batch: `boxes` (B, M, 4) xyxy canvas pixels, `box_slots` (B, M), `box_mask` (B, M) bool, and optionally
       `text_mask` (B, K) bool (False = the slot is not trained).
-    anchors: (points (A, 2) grid units, stride (A, 1)) from `box_ops.make_anchors` / `anchors_from_outputs`.
+    anchors: (points (A, 2) grid units, stride (A, 1)) from `box_ops.make_anchors`.
     loss_config: the `loss` config section (box, cls, dfl, region, moe, assigner_topk, assigner_alpha,
       assigner_beta, small_box_px, small_box_expand_px, region_fg_weight); a dict works too.
     num_slots_mask: optional (B, K) or (K,) bool, ANDed with `text_mask` (e.g. to ignore slots padded to a

@@ -38,8 +38,7 @@ from flax import nnx
 
 from optisar_jax.runtime import compile_options
 from optisar_jax import platform as platform_lib
-from optisar_jax.grounding import GroundingModel, abstract_model, anchors_for, graphdefs, graphdefs_of  # noqa: F401
-from optisar_jax.models import box_ops
+from optisar_jax.grounding import GroundingModel, anchors_for, graphdefs_of
 from optisar_jax.train import ema as ema_lib
 from optisar_jax.train import losses
 
