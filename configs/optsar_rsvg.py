@@ -173,6 +173,7 @@ def get_config():
   c.train.log_every = 50
   c.train.eval_every_epochs = 20
   c.train.eval_every_steps = 0           # > 0 overrides eval_every_epochs
+  c.train.eval_last_epochs = 5           # also after each of the last 5 epochs, as the reference (optimizer.validation_due)
   c.train.ema_decay = 0.9999
   c.train.ema_tau = 2000.0
   # BatchNorm statistics are those of the global batch (XLA reduces over the data axes): see train/step.py.

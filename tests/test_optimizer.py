@@ -212,3 +212,31 @@ def test_ema_update_covers_params_and_batch_stats(toy):
   # init_ema makes new buffers: live and EMA can be donated together.
   assert (averaged['params']['lin']['kernel'][...].unsafe_buffer_pointer()
           != params['lin']['kernel'][...].unsafe_buffer_pointer())
+
+
+def _due_steps(total_steps, steps_per_epoch, **train):
+  config = load_config('optsar_rsvg')
+  for key, value in train.items():
+    config.train[key] = value
+  return [s for s in range(1, total_steps + 1)
+          if optimizer.validation_due(s, steps_per_epoch, total_steps, config.train)]
+
+
+def test_validation_cadence_of_the_reference():
+  """300 epochs of 10 steps: epochs 20, 40, ..., 280, then each of 296..300 (the reference's
+  `(epoch + 1) % 20 == 0 or final or epochs - epoch <= 5`, 0-based epoch)."""
+  assert load_config('optsar_rsvg').train.eval_last_epochs == 5
+  due = _due_steps(3000, 10)
+  expected_epochs = [e for e in range(1, 301) if e % 20 == 0 or 300 - (e - 1) <= 5]
+  assert expected_epochs[-6:] == [280, 296, 297, 298, 299, 300]
+  assert due == [10 * e for e in expected_epochs]
+
+
+def test_validation_cadence_switches():
+  assert _due_steps(3000, 10, eval_last_epochs=0) == [200 * k for k in range(1, 16)]
+  assert _due_steps(50, 10, eval_every_steps=7, eval_last_epochs=2) == [7, 14, 21, 28, 35, 40, 42, 49, 50]
+  assert _due_steps(50, 10, eval_every_steps=0, eval_every_epochs=0) == []   # validation off
+  # A fractional run (train.num_steps = 55): epoch ends within 2 epochs (20 steps) of the end, and the end.
+  assert _due_steps(55, 10, eval_every_epochs=100, eval_last_epochs=2) == [40, 50, 55]
+  with pytest.raises(ValueError, match='train.eval_last_epochs'):
+    _due_steps(10, 10, eval_last_epochs=-1)

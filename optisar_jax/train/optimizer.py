@@ -234,3 +234,40 @@ def steps_per_epoch_for(num_train_images: int, global_batch_size: int) -> int:
     raise ValueError(f'{num_train_images} training images give no full global batch of {global_batch_size}')
   return steps
 
+
+# ------------------------------------------------------------------------------------- validation cadence
+
+def validation_due(step: int, steps_per_epoch: int, total_steps: int, train_config) -> bool:
+  """Whether the training loop validates after optimizer step `step` (1-based: steps taken so far).
+
+  The reference validates at the end of every 20th epoch, at the final epoch, and at the end of each of
+  the last 5 epochs (`epochs - epoch <= 5`, 0-based epoch; training-and-data.md section 6.1). Keys of
+  `train_config` (the config's `train` section):
+
+    eval_every_epochs   when an epoch ends and its 1-based number is a multiple of this
+    eval_every_steps    > 0: every this many steps instead of the epoch rule above
+    eval_last_epochs    also at the end of each of the last N epochs (0 = off)
+
+  The final step always validates, unless both cadence keys are 0 (validation off). An epoch ends when
+  `step` is a multiple of `steps_per_epoch`; the last N epochs are those ending within N * steps_per_epoch
+  steps of `total_steps` (epochs E-N+1..E of an E-epoch run).
+  """
+  if steps_per_epoch <= 0:
+    raise ValueError(f'steps_per_epoch must be positive, got {steps_per_epoch}')
+  every_steps = int(train_config.eval_every_steps)
+  every_epochs = int(train_config.eval_every_epochs)
+  last_epochs = int(train_config.eval_last_epochs)
+  if every_steps < 0 or every_epochs < 0 or last_epochs < 0:
+    raise ValueError("config keys 'train.eval_every_steps', 'train.eval_every_epochs' and "
+                     f"'train.eval_last_epochs' must be >= 0, got {every_steps}, {every_epochs}, {last_epochs}")
+  if every_steps == 0 and every_epochs == 0:
+    return False
+  if step >= total_steps:
+    return True
+  if every_steps:
+    if step % every_steps == 0:
+      return True
+  elif step % (every_epochs * steps_per_epoch) == 0:
+    return True
+  epoch_end = step % steps_per_epoch == 0
+  return epoch_end and total_steps - step < last_epochs * steps_per_epoch
