@@ -120,7 +120,7 @@ def get_config():
   c.model.moe.min_patch = 2
   c.model.moe.max_patch = 32
   c.model.moe.loss_coef = 1e-3
-  c.model.moe.gate_dim = 128
+  c.model.moe.gate_dim = 0               # router projection width; 0 = the reference's min(c // 2, 256)
   c.model.moe.noisy_gating = True
   c.model.moe.use_daa = True
   c.model.moe.layer_scale_init = 0.01
