@@ -25,6 +25,10 @@ def get_config():
   c.data.max_text_slots = 20             # K: text slots per training image (max_samples)
   c.data.max_boxes = 64                  # padded boxes per training image (mosaic merges 4 images)
   c.data.pad_value = 114                 # letterbox / mosaic fill
+  # Resampling of the letterbox and the training warp: 'pil' (Pillow's bilinear, antialiased when reducing,
+  # one resample per training tile) or 'opencv' (the reference: cv2 INTER_LINEAR semantics, no antialias;
+  # data/augment.py).
+  c.data.resize = 'pil'
   c.data.worker_count = 0                # grain worker processes (0 = in process)
   c.data.prefetch_buffer = 2
   # Dynamic adversarial negatives (training-and-data.md section 4).
