@@ -31,7 +31,7 @@ def get_config():
   c.data.resize = 'pil'
   c.data.worker_count = 0                # grain worker processes (0 = in process)
   c.data.prefetch_buffer = 2
-  # Dynamic adversarial negatives (training-and-data.md section 4).
+  # Dynamic adversarial negatives (docs/training-and-data.md section 4).
   c.data.negatives = ml_collections.ConfigDict()
   c.data.negatives.background_text = 'background'
   c.data.negatives.adv_sample_ratio = 0.5        # up to floor(0.5 * #positives) adversarial rewrites
@@ -39,7 +39,7 @@ def get_config():
   c.data.negatives.global_pool_size = 200        # most frequent training captions used as padding
   c.data.negatives.word_boundary_swaps = False   # False = reference substring swaps ("bright" -> "bleft")
   c.data.negatives.mask_false_negatives = True   # deviation 11.2: mask negatives equal to a positive
-  # Training augmentation (training-and-data.md section 6.2).
+  # Training augmentation (docs/training-and-data.md section 6.2).
   c.data.augment = ml_collections.ConfigDict()
   c.data.augment.enabled = True
   c.data.augment.mosaic = 1.0
@@ -97,7 +97,7 @@ def get_config():
   # reference's per-GPU statistics over 8 images; 0 = statistics of the whole global batch. Groups never
   # straddle devices when the per-device batch is a multiple of it, so no BatchNorm all-reduce is needed.
   c.model.bn_group_size = 8
-  # Head (architecture.md section 7).
+  # Head (docs/architecture.md section 7).
   c.model.embed_dim = 512                # region embedding / refined text width
   c.model.reg_max = 16
   c.model.num_regions = 16               # P3 region grid (perfect square); P4/P5 get 4
@@ -106,7 +106,7 @@ def get_config():
   c.model.logit_scale_init = -1.0
   c.model.swiglu_hidden = 2048
   c.model.region_hidden = 256
-  # TGDF-SSA neck (architecture.md section 6).
+  # TGDF-SSA neck (docs/architecture.md section 6).
   c.model.tgdg = ml_collections.ConfigDict()
   c.model.tgdg.embed_channels = 256      # ec
   c.model.tgdg.num_heads = 4             # nh
@@ -114,8 +114,10 @@ def get_config():
   c.model.tgdg.guide_hidden = 512        # gc
   c.model.tgdg.ssa_dropout = 0.01
   c.model.tgdg.gate_init = (1.0, 0.0)    # (weight_gate, feature_gate); (0.0, 0.0) = reference (dead gates)
-  c.model.tgdg.neck_text = 'raw'         # 'raw' (deviation 14.2) or 'refined' (reference at inference)
-  # PL-MoE (architecture.md section 5).
+  # 'raw' (ours: the neck sees raw text in training and inference) or 'refined' (the reference at inference;
+  # docs/architecture.md section 10).
+  c.model.tgdg.neck_text = 'raw'
+  # PL-MoE (docs/architecture.md section 5).
   c.model.moe = ml_collections.ConfigDict()
   c.model.moe.num_experts = 8
   c.model.moe.top_k = 2

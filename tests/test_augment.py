@@ -1,4 +1,4 @@
-"""Letterbox, mosaic, random affine, HSV and flips (training-and-data.md 6.2, 7.2, deviation 11.1)."""
+"""Letterbox, mosaic, random affine, HSV and flips (docs/training-and-data.md 6.2, 7.2, deviation 11.1)."""
 
 import dataclasses
 

@@ -29,7 +29,7 @@ def tgdg_config(**changes):
 
 
 def ssa_reference(x, groups, weight_avg, bias_avg, weight_max, bias_max):
-  """SSA written with the explicit index formulas of architecture.md section 6 (numpy, NHWC)."""
+  """SSA written with the explicit index formulas of docs/architecture.md section 6 (numpy, NHWC)."""
   b, h, w, c = x.shape
   cg, half = c // groups, c // groups // 2
   y = np.zeros_like(x)

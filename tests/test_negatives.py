@@ -1,4 +1,4 @@
-"""Text vocabulary and per-sample slot construction (training-and-data.md sections 3, 4.3, 11.2)."""
+"""Text vocabulary and per-sample slot construction (docs/training-and-data.md sections 3, 4.3, 11.2)."""
 
 import json
 

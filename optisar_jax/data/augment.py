@@ -1,6 +1,6 @@
 """Image and box augmentation for training, and the letterbox used everywhere (numpy + PIL, no cv2).
 
-Reference behaviour (training-and-data.md section 6.2, Ultralytics 8.3-era), coordinates continuous
+Reference behaviour (docs/training-and-data.md section 6.2, Ultralytics 8.3-era), coordinates continuous
 (pixel edges at integers, a box [x0, x1] covers x0 <= x < x1):
 
 * `letterbox(image, S)`: gain r = min(S/H, S/W), bilinear resize to (round(W r), round(H r)), pad with 114,

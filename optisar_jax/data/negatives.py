@@ -1,6 +1,6 @@
 """Dynamic adversarial negative sampling: the K text slots of one training image.
 
-Reproduces the reference's `adv_RandomLoadText` (training-and-data.md section 4.3), run per sample after
+Reproduces the reference's `adv_RandomLoadText` (docs/training-and-data.md section 4.3), run per sample after
 all image augmentation. Given the sample's caption list `texts` and the caption id of every surviving
 box, the K slots are, in order:
 

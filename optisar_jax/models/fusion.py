@@ -1,4 +1,4 @@
-"""TGDF-SSA: text-guided dual-gated fusion with spatial shuffle attention (architecture.md section 6).
+"""TGDF-SSA: text-guided dual-gated fusion with spatial shuffle attention (docs/architecture.md section 6).
 
 Paper name: TGDF-SSA (reference class `TGDG_SSA`), neck layers 16, 19 and 22. For x (B,H,W,c1) and a text
 guide T (1 or B, K, D):

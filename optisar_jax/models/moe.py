@@ -1,4 +1,4 @@
-"""PL-MoE: the patch-level shared-LoRA mixture of experts of backbone layer 8 (architecture.md section 5).
+"""PL-MoE: the patch-level shared-LoRA mixture of experts of backbone layer 8 (docs/architecture.md section 5).
 
 Paper name: PL-MoE (reference class `PLoRA_MoE`). Data flow for an input (B,H,W,c1):
 

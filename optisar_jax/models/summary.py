@@ -89,7 +89,8 @@ def scales_table_markdown(config, scales=None) -> str:
   columns = []
   for scale in scales:
     if scale not in config.model.scales:
-      raise ValueError(f"config key 'model.scale': {scale!r} is not one of model.scales {sorted(config.model.scales)}")
+      raise ValueError(f"config key 'model.scale': {scale!r} is not one of model.scales "
+                       f'{sorted(config.model.scales)}')
     scaled = config.copy_and_resolve_references()
     scaled.model.scale = scale
     columns.append(layer_param_counts(build_abstract_model(scaled)))

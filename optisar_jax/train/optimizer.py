@@ -1,4 +1,4 @@
-"""The reference optimiser recipe as one jittable optax transformation (training-and-data.md section 6.1).
+"""The reference optimiser recipe as one jittable optax transformation (docs/training-and-data.md section 6.1).
 
     clip_by_global_norm(clip_norm)                        on the raw gradients, before everything
     scale_by_adam(b1, b2, eps)                            b1 constant (optionally warmed up, see below)
@@ -241,7 +241,7 @@ def validation_due(step: int, steps_per_epoch: int, total_steps: int, train_conf
   """Whether the training loop validates after optimizer step `step` (1-based: steps taken so far).
 
   The reference validates at the end of every 20th epoch, at the final epoch, and at the end of each of
-  the last 5 epochs (`epochs - epoch <= 5`, 0-based epoch; training-and-data.md section 6.1). Keys of
+  the last 5 epochs (`epochs - epoch <= 5`, 0-based epoch; docs/training-and-data.md section 6.1). Keys of
   `train_config` (the config's `train` section):
 
     eval_every_epochs   when an epoch ends and its 1-based number is a multiple of this
