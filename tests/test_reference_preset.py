@@ -71,3 +71,17 @@ def test_preset_model_builds():
   model = abstract_model(load_config('configs/optsar_rsvg_reference.py'))
   assert model.detector.neck_text == 'refined'
   assert count_params(model.detector) == 28_123_320
+
+
+def test_ablation_variants_follow_the_table():
+  """scripts/ablation.py reverts each documented deviation on its own, plus default and reference."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location('ablation', os.path.join(ROOT, 'scripts', 'ablation.py'))
+  ablation = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(ablation)
+  table = deviation_table()
+  reference = ablation.deviations()
+  assert reference == {key: values[1] for key, values in table.items()}
+  names = [name for name, _ in ablation.variants(reference)]
+  assert names[:2] == ['default', 'reference'] and len(names) == 2 + len(table)
+  assert all(len(changes) == 1 for _, changes in ablation.variants(reference)[2:])
