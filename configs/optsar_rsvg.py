@@ -25,6 +25,10 @@ def get_config():
   c.data.max_text_slots = 20             # K: text slots per training image (max_samples)
   c.data.max_boxes = 64                  # padded boxes per training image (mosaic merges 4 images)
   c.data.pad_value = 114                 # letterbox / mosaic fill
+  # Resampling of the letterbox and the training warp: 'pil' (Pillow's bilinear, antialiased when reducing,
+  # one resample per training tile) or 'opencv' (the reference: cv2 INTER_LINEAR semantics, no antialias;
+  # data/augment.py).
+  c.data.resize = 'pil'
   # Input (optisar_jax/data/pipeline.py): grain worker processes decode and augment; -1 = automatic (host
   # cores - 1, at most max_auto_workers), 0 = in the training process. Each worker keeps prefetch_buffer
   # batches ready; the loop keeps device_prefetch batches on the devices ahead of the step.
@@ -32,7 +36,7 @@ def get_config():
   c.data.max_auto_workers = 16
   c.data.prefetch_buffer = 2
   c.data.device_prefetch = 2
-  # Dynamic adversarial negatives (training-and-data.md section 4).
+  # Dynamic adversarial negatives (docs/training-and-data.md section 4).
   c.data.negatives = ml_collections.ConfigDict()
   c.data.negatives.background_text = 'background'
   c.data.negatives.adv_sample_ratio = 0.5        # up to floor(0.5 * #positives) adversarial rewrites
@@ -40,7 +44,7 @@ def get_config():
   c.data.negatives.global_pool_size = 200        # most frequent training captions used as padding
   c.data.negatives.word_boundary_swaps = False   # False = reference substring swaps ("bright" -> "bleft")
   c.data.negatives.mask_false_negatives = True   # deviation 11.2: mask negatives equal to a positive
-  # Training augmentation (training-and-data.md section 6.2).
+  # Training augmentation (docs/training-and-data.md section 6.2).
   c.data.augment = ml_collections.ConfigDict()
   c.data.augment.enabled = True
   c.data.augment.mosaic = 1.0
@@ -98,7 +102,7 @@ def get_config():
   # reference's per-GPU statistics over 8 images; 0 = statistics of the whole global batch. Groups never
   # straddle devices when the per-device batch is a multiple of it, so no BatchNorm all-reduce is needed.
   c.model.bn_group_size = 8
-  # Head (architecture.md section 7).
+  # Head (docs/architecture.md section 7).
   c.model.embed_dim = 512                # region embedding / refined text width
   c.model.reg_max = 16
   c.model.num_regions = 16               # P3 region grid (perfect square); P4/P5 get 4
@@ -107,7 +111,7 @@ def get_config():
   c.model.logit_scale_init = -1.0
   c.model.swiglu_hidden = 2048
   c.model.region_hidden = 256
-  # TGDF-SSA neck (architecture.md section 6).
+  # TGDF-SSA neck (docs/architecture.md section 6).
   c.model.tgdg = ml_collections.ConfigDict()
   c.model.tgdg.embed_channels = 256      # ec
   c.model.tgdg.num_heads = 4             # nh
@@ -115,8 +119,10 @@ def get_config():
   c.model.tgdg.guide_hidden = 512        # gc
   c.model.tgdg.ssa_dropout = 0.01
   c.model.tgdg.gate_init = (1.0, 0.0)    # (weight_gate, feature_gate); (0.0, 0.0) = reference (dead gates)
-  c.model.tgdg.neck_text = 'raw'         # 'raw' (deviation 14.2) or 'refined' (reference at inference)
-  # PL-MoE (architecture.md section 5).
+  # 'raw' (ours: the neck sees raw text in training and inference) or 'refined' (the reference at inference;
+  # docs/architecture.md section 10).
+  c.model.tgdg.neck_text = 'raw'
+  # PL-MoE (docs/architecture.md section 5).
   c.model.moe = ml_collections.ConfigDict()
   c.model.moe.num_experts = 8
   c.model.moe.top_k = 2
@@ -125,7 +131,7 @@ def get_config():
   c.model.moe.min_patch = 2
   c.model.moe.max_patch = 32
   c.model.moe.loss_coef = 1e-3
-  c.model.moe.gate_dim = 128
+  c.model.moe.gate_dim = 0               # router projection width; 0 = the reference's min(c // 2, 256)
   c.model.moe.noisy_gating = True
   c.model.moe.use_daa = True
   c.model.moe.layer_scale_init = 0.01
@@ -149,14 +155,22 @@ def get_config():
   # ------------------------------------------------------------------------------------ optimizer
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 2e-3
-  c.optim.b1 = 0.9
+  c.optim.b1 = 0.9                       # constant, as the reference's AdamW (see warmup_b1)
   c.optim.b2 = 0.999
-  c.optim.eps = 1e-8
+  # Reference 1e-8 on a loss x64 (batch x world); ours is the global mean, so its gradients are 64x smaller
+  # and Adam's m / (sqrt(v) + eps) equals the reference's only with eps / 64.
+  c.optim.eps = 1e-8 / 64
   c.optim.weight_decay = 0.025
+  # The TGDF-SSA gates (weight_gate, feature_gate): the reference decays them (moot there: they stay 0);
+  # with our live gates (model.tgdg.gate_init) decay would pull them back to the dead state. Deviation.
+  c.optim.decay_tgdg_gates = False
   c.optim.lrf = 0.01                     # cosine to lr * lrf
   c.optim.warmup_epochs = 3.0
   c.optim.warmup_min_steps = 100
   c.optim.warmup_bias_lr = 0.0
+  # The reference's warmup moves `momentum` (0.8 -> 0.9) only in SGD's groups; AdamW's b1 stays 0.9.
+  # True (not the reference) warms b1 up from warmup_momentum to b1 over the warmup steps.
+  c.optim.warmup_b1 = False
   c.optim.warmup_momentum = 0.8
   c.optim.clip_norm = 10.0 / 64          # reference 10 on a loss x64 (batch x world); ours: global mean
 
@@ -171,6 +185,7 @@ def get_config():
   c.train.eval_every_epochs = 20
   c.train.eval_every_steps = 0           # > 0 overrides eval_every_epochs
   c.train.val_examples_shown = 8         # answers drawn into WORKDIR/val/step_N.png and TensorBoard
+  c.train.eval_last_epochs = 5           # also after each of the last 5 epochs, as the reference (optimizer.validation_due)
   c.train.ema_decay = 0.9999
   c.train.ema_tau = 2000.0
   # BatchNorm statistics are those of the global batch (XLA reduces over the data axes): see train/step.py.

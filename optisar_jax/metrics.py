@@ -1,6 +1,6 @@
 """Grounding metrics: Pr@{0.5..0.9}, meanIoU, cumIoU, per domain (all / optical / SAR) and per category.
 
-Definitions (interfaces.md section 5, training-and-data.md section 8), per query q with one gt box g and
+Definitions (interfaces.md section 5, docs/training-and-data.md section 8), per query q with one gt box g and
 one predicted box p or none, both xyxy in original-image pixels:
 
 * p and g are clipped to [0, W] x [0, H]; inter_q = overlap area, union_q = area(p) + area(g) - inter_q,

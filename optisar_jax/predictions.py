@@ -5,7 +5,7 @@ Predictions file (interfaces.md section 6): a JSON list, one entry per query,
 pixels. A query id absent from the file counts as no prediction; an id not in the annotations, or one that
 appears twice, is an error.
 
-Annotations (OptSAR-RSVG release format, training-and-data.md section 1.3): `images[]` with `id`, `width`,
+Annotations (OptSAR-RSVG release format, docs/training-and-data.md section 1.3): `images[]` with `id`, `width`,
 `height`; `annotations[]` with `id`, `image_id`, `bbox` [x, y, w, h] and `category_name` (or a `category_id`
 found in `categories[]`). One annotation = one query.
 

@@ -1,4 +1,4 @@
-"""Letterbox, mosaic, random affine, HSV and flips (training-and-data.md 6.2, 7.2, deviation 11.1)."""
+"""Letterbox, mosaic, random affine, HSV and flips (docs/training-and-data.md 6.2, 7.2, deviation 11.1)."""
 
 import dataclasses
 
@@ -164,3 +164,71 @@ def test_hsv_table_equals_the_plain_modulo_form(hue_gain):
   expected = np.stack([new_v - np.clip(np.minimum(k, np.float32(4.0) - k), 0.0, 1.0) * new_c
                        for k in (np.mod(hh + np.float32(n), np.float32(6.0)) for n in (5.0, 3.0, 1.0))], axis=1)
   np.testing.assert_array_equal(A.hsv_table((hue_gain, 1.3, 0.7)), expected.ravel())
+
+
+# ----------------------------------------------------------------------------- data.resize = 'opencv'
+
+def test_opencv_resize_hand_computed():
+  """cv2.resize INTER_LINEAR: src = (dst + 0.5) * in / out - 0.5, clamped to the edge pixels."""
+  row = np.array([[0, 100]], np.uint8)[..., None]                     # (1, 2, 1)
+  # Upscale x2: src = -0.25 -> 0 (clamped), 0.25, 0.75, 1.25 -> 1 (clamped).
+  assert A.resize_bilinear(row, (4, 1))[0, :, 0].tolist() == [0, 25, 75, 100]
+  # Reduction x2 takes 2 taps per output (no antialiasing): src = 0.5 and 2.5.
+  row4 = np.array([[0, 40, 80, 120]], np.uint8)[..., None]
+  assert A.resize_bilinear(row4, (2, 1))[0, :, 0].tolist() == [20, 100]
+  # Reduction x4: src = 1.5 -> (40 + 80) / 2; Pillow's antialiased bilinear averages all four.
+  assert A.resize_bilinear(row4, (1, 1))[0, 0, 0] == 60
+  # 2-D: [[0, 100], [200, 40]] to 3 x 3; centre src = (0.5, 0.5) -> (0 + 100 + 200 + 40) / 4 = 85; the
+  # middle of the top row src = (0.5, 0) -> 50; corners copy the corner pixels.
+  img = np.array([[0, 100], [200, 40]], np.uint8)[..., None]
+  out = A.resize_bilinear(np.repeat(img, 3, axis=2), (3, 3))
+  assert out[..., 0].tolist() == [[0, 50, 100], [100, 85, 70], [200, 120, 40]]
+  assert (out[..., 0] == out[..., 2]).all()
+
+
+def test_opencv_letterbox_differs_from_pillow_only_by_antialiasing():
+  rng = np.random.default_rng(0)
+  image = rng.integers(0, 256, size=(120, 90, 3), dtype=np.uint8)
+  canvas, params = A.letterbox(image, 60, resize='opencv')
+  new_h, new_w = 60, 45
+  assert (params.left, params.top) == (round(15 / 2 - 0.1), 0)
+  inner = canvas[:, params.left:params.left + new_w]
+  np.testing.assert_array_equal(inner, A.resize_bilinear(image, (new_w, new_h)))
+  assert (canvas[:, :params.left] == 114).all() and (canvas[:, params.left + new_w:] == 114).all()
+  # Every output pixel is the mean of 2 x 2 source pixels (exact factor 2): noise survives at full
+  # strength, where Pillow's antialiased filter smooths it.
+  pil, _ = A.letterbox(image, 60)
+  assert inner.std() > pil[:, params.left:params.left + new_w].std() + 5
+  with pytest.raises(ValueError, match='data.resize'):
+    A.letterbox(image, 60, resize='cv2')
+
+
+def test_warp_bilinear_matches_opencv_semantics():
+  image = np.arange(4 * 5 * 3, dtype=np.uint8).reshape(4, 5, 3) * 4
+  fill = (114, 114, 114)
+  np.testing.assert_array_equal(A.warp_bilinear(image, np.eye(3), 4, fill), np.concatenate(
+      [image[:, :4]], axis=1))
+  # Shift right by half a pixel: output X samples source X - 0.5; X = 0 mixes the border (fill) and x = 0.
+  M = np.array([[1.0, 0.0, 0.5], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+  out = A.warp_bilinear(image, M, 4, fill).astype(int)
+  np.testing.assert_array_equal(out[:, 0], np.floor((114 + image[:4, 0].astype(int)) / 2 + 0.5))
+  np.testing.assert_array_equal(out[:, 2], np.floor((image[:4, 1].astype(int) + image[:4, 2]) / 2 + 0.5))
+  # The general (non-separable) path gives the same numbers for an axis-aligned map.
+  tilt = M.copy()
+  tilt[0, 1] = 1e-12
+  np.testing.assert_array_equal(A.warp_bilinear(image, tilt, 4, fill), out)
+
+
+@pytest.mark.parametrize('extra', [dict(), dict(degrees=15.0), dict(mosaic=1.0)])
+def test_opencv_augmentation_keeps_objects_under_their_boxes(extra):
+  cfg = _cfg(scale=0.3, translate=0.1, fliplr=0.5, resize='opencv', **{k: v for k, v in extra.items()
+                                                                       if k != 'mosaic'})
+  for seed in range(8):
+    samples = [_single()] * (4 if extra.get('mosaic') else 1)
+    out = A.augment_sample(samples, np.random.default_rng(seed), cfg)
+    assert out.image.shape == (64, 64, 3) and out.image.dtype == np.uint8
+    for x0, y0, x1, y1 in out.boxes:
+      inner = out.image[int(np.ceil(y0)) + 1:int(y1) - 1, int(np.ceil(x0)) + 1:int(x1) - 1]
+      if inner.size:
+        assert inner.mean() > 150
+  assert A.AugmentConfig.from_config(load_config('tiny').data).resize == 'pil'

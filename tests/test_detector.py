@@ -16,7 +16,7 @@ from optisar_jax.models.summary import build_abstract_model, count_params, layer
 
 FAST_COMPILE = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}
 
-# architecture.md section 3, scale m; the head without SAVPE (5,562,336) and the fixed DFL (16).
+# docs/architecture.md section 3, scale m; the head without SAVPE (5,562,336) and the fixed DFL (16).
 LAYERS_M = [1_856, 73_984, 111_872, 590_336, 444_928, 2_360_320, 1_380_352, 2_360_320, 2_908_099, 656_896,
             990_976, 0, 0, 1_642_496, 0, 0, 1_299_277, 590_336, 0, 3_217_725, 2_360_320, 0, 3_348_813,
             3_784_414]

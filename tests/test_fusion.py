@@ -28,8 +28,8 @@ def tgdg_config(**changes):
   return c
 
 
-def ssa_reference(x, groups, w_avg, b_avg, w_max, b_max):
-  """SSA written with the explicit index formulas of architecture.md section 6 (numpy, NHWC)."""
+def ssa_reference(x, groups, weight_avg, bias_avg, weight_max, bias_max):
+  """SSA written with the explicit index formulas of docs/architecture.md section 6 (numpy, NHWC)."""
   b, h, w, c = x.shape
   cg, half = c // groups, c // groups // 2
   y = np.zeros_like(x)
@@ -38,7 +38,7 @@ def ssa_reference(x, groups, w_avg, b_avg, w_max, b_max):
     new = np.stack([old[..., (k % 2) * half + k // 2] for k in range(cg)], -1)
     a = new[..., :half].mean(axis=(1, 2))
     m = new[..., half:].max(axis=(1, 2))
-    att = 1 / (1 + np.exp(-np.concatenate([w_max * m + b_max, w_avg * a + b_avg], -1)))
+    att = 1 / (1 + np.exp(-np.concatenate([weight_max * m + bias_max, weight_avg * a + bias_avg], -1)))
     y[..., g * cg:(g + 1) * cg] = new * att[:, None, None]
   return np.stack([y[..., (k % 2) * (c // 2) + k // 2] for k in range(c)], -1)
 
@@ -59,7 +59,7 @@ def test_tgdf_ssa_takes_the_shuffle_into_its_conv():
   layer = TGDFSSA(16, 16, 1, 12, tgdg_config(embed_channels=16, ssa_groups=2), opts=OPTS, rngs=nnx.Rngs(0))
   layer.eval()
   rng = np.random.default_rng(4)
-  for name in ('w_avg', 'b_avg', 'w_max', 'b_max'):
+  for name in ('weight_avg', 'bias_avg', 'weight_max', 'bias_max'):
     getattr(layer.ssa, name)[...] = jnp.asarray(rng.normal(size=4), jnp.float32)
   layer.cv1.bn.mean[...] = jnp.asarray(rng.normal(size=16), jnp.float32)
   x = normal(5, (2, 6, 6, 16))
@@ -75,10 +75,11 @@ def test_ssa_matches_index_formulas():
   ssa = SpatialShuffleAttention(24, 3, dropout=0.01)
   ssa.eval()
   rng = np.random.default_rng(0)
-  for name in ('w_avg', 'b_avg', 'w_max', 'b_max'):
+  for name in ('weight_avg', 'bias_avg', 'weight_max', 'bias_max'):
     getattr(ssa, name)[...] = jnp.asarray(rng.normal(size=4), jnp.float32)
   x = rng.normal(size=(2, 3, 5, 24)).astype(np.float32)
-  expected = ssa_reference(x, 3, *(np.asarray(getattr(ssa, n)[...]) for n in ('w_avg', 'b_avg', 'w_max', 'b_max')))
+  expected = ssa_reference(
+      x, 3, *(np.asarray(getattr(ssa, n)[...]) for n in ('weight_avg', 'bias_avg', 'weight_max', 'bias_max')))
   np.testing.assert_allclose(ssa(jnp.asarray(x)), expected, rtol=1e-5, atol=1e-6)
 
 

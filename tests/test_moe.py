@@ -120,7 +120,7 @@ def test_plmoe_forward_and_reference_count():
   assert y.shape == x.shape and bool(jnp.isfinite(y).all())
   coef, k, e = cfg.loss_coef, cfg.top_k, cfg.num_experts
   assert coef * k - 1e-7 <= float(aux) <= coef * e + 1e-7
-  # Reference count of layer 8 at scale m (architecture.md section 5).
+  # Reference count of layer 8 at scale m (docs/architecture.md section 5).
   m_cfg = load_config('optsar_rsvg').model.moe
   abstract = nnx.eval_shape(lambda: PLMoE(512, 512, 1, m_cfg, opts=OPTS, rngs=nnx.Rngs(0)))
   assert sum(math.prod(v.shape) for v in jax.tree.leaves(nnx.state(abstract, nnx.Param))) == 2_908_099

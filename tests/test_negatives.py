@@ -1,4 +1,4 @@
-"""Text vocabulary and per-sample slot construction (training-and-data.md sections 3, 4.3, 11.2)."""
+"""Text vocabulary and per-sample slot construction (docs/training-and-data.md sections 3, 4.3, 11.2)."""
 
 import json
 
@@ -165,3 +165,35 @@ def test_vocabulary_json_is_plain(tmp_path):
   assert json.loads(json.dumps(data)) == data               # plain JSON types only
   vocab.save(str(tmp_path / 'v.json'))
   assert json.loads((tmp_path / 'v.json').read_text(encoding='utf-8')) == data   # what is on disk
+
+
+def test_caption_removed_by_the_box_cap_is_neither_positive_nor_negative():
+  """Caption 2 lost every box to `data.max_boxes`: its object is in the image, so it must not be drawn as
+  an in-sample negative; without `dropped_labels` (the leak) it is drawn."""
+  vocab = _vocab()
+  texts = CAPTIONS[:4]
+  kept, dropped = np.array([0, 0, 1]), np.array([2, 2, 0])
+  leaked = fixed = 0
+  for seed in range(40):
+    sampler = _sampler(vocab, K=8, neg=(3, 3))
+    before = sampler(kept, texts, np.random.default_rng(seed))
+    after = sampler(kept, texts, np.random.default_rng(seed), dropped_labels=dropped)
+    leaked += texts[2] in before.texts
+    fixed += texts[2] in after.texts
+    assert after.num_positives == 2 and after.texts[:2] == [texts[0], texts[1]]
+    assert after.box_slots.tolist() == [0, 0, 1]
+    assert texts[3] in after.texts           # the only other caption: min(4 - 1, 8) - 2 = 1 negative
+  assert leaked == 40 and fixed == 0
+
+
+def test_capped_caption_in_the_pool_is_masked():
+  vocab = V.TextVocabulary(sorted(set(CAPTIONS) | {'background'}), global_pool=[CAPTIONS[2]])
+  slots = _sampler(vocab, K=6, neg=(0, 0))(np.array([0]), CAPTIONS[:3], np.random.default_rng(0),
+                                           dropped_labels=np.array([2]))
+  assert slots.texts == [CAPTIONS[0], 'background'] + [CAPTIONS[2]] * 4
+  assert slots.text_mask.tolist() == [True, True, False, False, False, False]
+  unmasked = _sampler(vocab, K=6, neg=(0, 0), mask=False)(
+      np.array([0]), CAPTIONS[:3], np.random.default_rng(0), dropped_labels=np.array([2]))
+  assert unmasked.text_mask.all()
+  with pytest.raises(ValueError, match='dropped box caption ids'):
+    _sampler(vocab)(np.array([0]), CAPTIONS[:3], np.random.default_rng(0), dropped_labels=np.array([5]))

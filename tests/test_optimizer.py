@@ -5,6 +5,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -92,10 +93,31 @@ def test_schedule_values_at_known_steps():
   np.testing.assert_allclose(float(s.lr(1234)), lr * lf(123), rtol=1e-5)
   np.testing.assert_allclose(float(s.lr(2999)), lr * lf(299), rtol=1e-5)
   np.testing.assert_allclose(float(s.lr(3000)), lr * lrf, rtol=1e-5)
-  np.testing.assert_allclose([float(s.momentum(t)) for t in (0, 50, 100, 500)], [0.8, 0.85, 0.9, 0.9],
-                             rtol=1e-5)
+  # The reference's AdamW keeps b1 = 0.9 through the warmup (its warmup moves SGD's momentum only).
+  np.testing.assert_allclose([float(s.momentum(t)) for t in (0, 50, 100, 500)], [0.9] * 4, rtol=1e-6)
   values = optimizer.schedule_values(s, 100)
   assert set(values) == {'lr', 'bias_lr', 'momentum'}
+
+
+def test_b1_warmup_is_an_opt_in_switch():
+  config = _config(warmup_b1=True)
+  s = optimizer.make_schedules(config.optim, steps_per_epoch=10, total_steps=3000)
+  np.testing.assert_allclose([float(s.momentum(t)) for t in (0, 50, 100, 500)], [0.8, 0.85, 0.9, 0.9],
+                             rtol=1e-5)
+
+
+def test_eps_is_the_reference_eps_at_our_loss_scale():
+  """Adam on gradients g / 64 with eps / 64 makes exactly the reference's update on g with eps."""
+  config = load_config('optsar_rsvg')
+  assert config.optim.eps == pytest.approx(1e-8 / 64)
+  g = np.array([3e-9, -2e-8, 5e-7, 1.0])
+  ref = optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8)
+  ours = optax.scale_by_adam(b1=0.9, b2=0.999, eps=config.optim.eps)
+  u_ref, _ = ref.update(jnp.asarray(g), ref.init(jnp.asarray(g)))
+  u_ours, _ = ours.update(jnp.asarray(g / 64), ours.init(jnp.asarray(g)))
+  np.testing.assert_allclose(u_ours, u_ref, rtol=1e-5)
+  u_unscaled, _ = ref.update(jnp.asarray(g / 64), ref.init(jnp.asarray(g)))
+  assert abs(float(u_unscaled[0]) - float(u_ref[0])) > 0.1   # eps 1e-8 at our scale damps small gradients
 
 
 def test_num_steps_sets_total_and_epochs():
@@ -131,7 +153,7 @@ def test_decoupled_decay_only_on_decay_group(toy):
 
 
 def test_momentum_warmup_and_clipping_inside_one_transformation():
-  config = _config(clip_norm=0.5)
+  config = _config(clip_norm=0.5, warmup_b1=True)
   params = {'w': jnp.zeros((4,))}
   tx = optimizer.make_optimizer(config.optim, steps_per_epoch=10, total_steps=3000, params_tree=params)
   state = tx.init(params)
@@ -190,3 +212,31 @@ def test_ema_update_covers_params_and_batch_stats(toy):
   # init_ema makes new buffers: live and EMA can be donated together.
   assert (averaged['params']['lin']['kernel'][...].unsafe_buffer_pointer()
           != params['lin']['kernel'][...].unsafe_buffer_pointer())
+
+
+def _due_steps(total_steps, steps_per_epoch, **train):
+  config = load_config('optsar_rsvg')
+  for key, value in train.items():
+    config.train[key] = value
+  return [s for s in range(1, total_steps + 1)
+          if optimizer.validation_due(s, steps_per_epoch, total_steps, config.train)]
+
+
+def test_validation_cadence_of_the_reference():
+  """300 epochs of 10 steps: epochs 20, 40, ..., 280, then each of 296..300 (the reference's
+  `(epoch + 1) % 20 == 0 or final or epochs - epoch <= 5`, 0-based epoch)."""
+  assert load_config('optsar_rsvg').train.eval_last_epochs == 5
+  due = _due_steps(3000, 10)
+  expected_epochs = [e for e in range(1, 301) if e % 20 == 0 or 300 - (e - 1) <= 5]
+  assert expected_epochs[-6:] == [280, 296, 297, 298, 299, 300]
+  assert due == [10 * e for e in expected_epochs]
+
+
+def test_validation_cadence_switches():
+  assert _due_steps(3000, 10, eval_last_epochs=0) == [200 * k for k in range(1, 16)]
+  assert _due_steps(50, 10, eval_every_steps=7, eval_last_epochs=2) == [7, 14, 21, 28, 35, 40, 42, 49, 50]
+  assert _due_steps(50, 10, eval_every_steps=0, eval_every_epochs=0) == []   # validation off
+  # A fractional run (train.num_steps = 55): epoch ends within 2 epochs (20 steps) of the end, and the end.
+  assert _due_steps(55, 10, eval_every_epochs=100, eval_last_epochs=2) == [40, 50, 55]
+  with pytest.raises(ValueError, match='train.eval_last_epochs'):
+    _due_steps(10, 10, eval_last_epochs=-1)

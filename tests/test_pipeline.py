@@ -253,3 +253,25 @@ def test_device_prefetch_keeps_order_and_raises_in_place():
   batches.close()
   with pytest.raises(ValueError, match='data.device_prefetch'):
     DevicePrefetch(iter(()), lambda x: x, size=0)
+
+
+def test_box_cap_victims_are_passed_to_the_slot_sampler(monkeypatch):
+  """The pipeline hands the captions of the boxes the `data.max_boxes` cap removed to the sampler, which
+  keeps them out of the negatives (tests/test_negatives.py has the sampler's side)."""
+  cfg = _config(**{'data.max_boxes': 2, 'data.augment.enabled': False})
+  ds = P.make_train_dataset(RECORDS, cfg, _vocab(cfg))
+  calls = []
+  original = ds.builder.slots
+
+  def spy(labels, texts, rng, *, dropped_labels=None):
+    calls.append((np.asarray(labels).copy(), None if dropped_labels is None else np.asarray(dropped_labels).copy()))
+    return original(labels, texts, rng, dropped_labels=dropped_labels)
+
+  monkeypatch.setattr(ds.builder, 'slots', spy)
+  for step in range(3):
+    ds.batch_at(step)
+  capped = [(kept, dropped) for kept, dropped in calls if dropped is not None]
+  assert capped, 'no sample had more than 2 boxes'
+  for kept, dropped in capped:
+    assert len(kept) == 2 and len(dropped) >= 1
+  assert all(dropped is None for kept, dropped in calls if len(kept) < 2)

@@ -1,4 +1,4 @@
-"""Adversarial swap table (training-and-data.md 4.2) and direction-aware flip rewriting (deviation 11.1)."""
+"""Adversarial swap table (docs/training-and-data.md 4.2) and direction-aware flip rewriting (deviation 11.1)."""
 
 import pytest
 

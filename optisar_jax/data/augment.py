@@ -1,6 +1,6 @@
 """Image and box augmentation for training, and the letterbox used everywhere (numpy + PIL, no cv2).
 
-Reference behaviour (training-and-data.md section 6.2, Ultralytics 8.3-era), coordinates continuous
+Reference behaviour (docs/training-and-data.md section 6.2, Ultralytics 8.3-era), coordinates continuous
 (pixel edges at integers, a box [x0, x1] covers x0 <= x < x1):
 
 * `letterbox(image, S)`: gain r = min(S/H, S/W), bilinear resize to (round(W r), round(H r)), pad with 114,
@@ -21,10 +21,21 @@ Reference behaviour (training-and-data.md section 6.2, Ultralytics 8.3-era), coo
 * Horizontal flip with p = fliplr and vertical flip with p = flipud; with `rewrite_directions_on_flip` the
   captions are rewritten (`text_swaps.flip_rewrite`, deviation 11.1).
 
-Speed: when the affine has no rotation, shear or perspective (the paper's setting), the whole chain
-(long-side resize, letterbox or mosaic placement, affine, flips) is one axis-aligned map per tile, so each
-tile is resampled ONCE from the original pixels straight into the output with Pillow's antialiased
-`resize(box=...)`; no 2S canvas is built. Otherwise the canvas is built and warped with `Image.transform`.
+Resampling (`data.resize`):
+
+* 'pil' (our default): Pillow's bilinear. When the affine has no rotation, shear or perspective (the
+  paper's setting), the whole chain (long-side resize, letterbox or mosaic placement, affine, flips) is one
+  axis-aligned map per tile, so each tile is resampled ONCE from the original pixels straight into the
+  output with Pillow's antialiased `resize(box=...)`; no 2S canvas is built. Otherwise the canvas is built
+  and warped with `Image.transform`.
+* 'opencv' (the reference): OpenCV's INTER_LINEAR semantics in numpy, no antialiasing. Resizes
+  (`resize_bilinear`, as `cv2.resize`) sample at half-pixel centres, src = (dst + 0.5) * in / out - 0.5,
+  clamped to the edge pixels; the training warp (`warp_bilinear`, as `cv2.warpAffine` /
+  `cv2.warpPerspective` with a constant border) samples the canvas at M^-1 (X, Y) of each output pixel
+  index; the flips mirror the warped image (`np.fliplr`), all in the reference's order: long-side resize,
+  canvas, warp, HSV, flip. The resize reproduces OpenCV's fixed-point arithmetic; the warp uses exact
+  float32 weights where OpenCV rounds coordinates to 1/32 pixel, so a rotated warp can differ from
+  OpenCV's by a grey level on a few pixels (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -84,16 +95,30 @@ class AugmentConfig:
   min_box_size: float = 2.0
   max_aspect_ratio: float = 100.0
   min_area_ratio: float = 0.1
+  resize: str = 'pil'              # `data.resize`: 'pil' or 'opencv' (module docstring)
+
+  def __post_init__(self):
+    check_resize(self.resize)
 
   @classmethod
   def from_config(cls, data_config) -> 'AugmentConfig':
     """From the `data` ConfigDict; a missing key raises KeyError naming it."""
-    kwargs = {'imgsz': int(config_value(data_config, 'imgsz')), 'pad_value': int(config_value(data_config, 'pad_value'))}
+    kwargs = {'imgsz': int(config_value(data_config, 'imgsz')), 'pad_value': int(config_value(data_config, 'pad_value')),
+              'resize': str(config_value(data_config, 'resize'))}
     for field in dataclasses.fields(cls):
       if field.name in kwargs:
         continue
       kwargs[field.name] = type(field.default)(config_value(data_config, 'augment.' + field.name))
     return cls(**kwargs)
+
+
+RESIZE_MODES = ('pil', 'opencv')
+
+
+def check_resize(resize: str) -> str:
+  if resize not in RESIZE_MODES:
+    raise ValueError(f"config key 'data.resize': {resize!r} is not one of {RESIZE_MODES}")
+  return resize
 
 
 def _as_rgb(image: np.ndarray) -> np.ndarray:
@@ -138,8 +163,12 @@ def letterbox_params(height: int, width: int, imgsz: int) -> tuple[LetterboxPara
   return LetterboxParams(r, int(round(dw - 0.1)), int(round(dh - 0.1))), (new_w, new_h)
 
 
-def letterbox(image: np.ndarray, imgsz: int, pad_value: int = 114) -> tuple[np.ndarray, LetterboxParams]:
+def letterbox(image: np.ndarray, imgsz: int, pad_value: int = 114, *, resize: str = 'pil'
+              ) -> tuple[np.ndarray, LetterboxParams]:
   """Resize (bilinear, aspect kept, up or down) and pad to imgsz x imgsz.
+
+  resize: `data.resize` ('pil': Pillow's bilinear, antialiased when reducing; 'opencv': `resize_bilinear`,
+  the reference's cv2.resize INTER_LINEAR).
 
   Returns:
     (uint8 (imgsz, imgsz, 3) canvas, LetterboxParams(ratio, left, top)).
@@ -147,12 +176,106 @@ def letterbox(image: np.ndarray, imgsz: int, pad_value: int = 114) -> tuple[np.n
   image = _as_rgb(image)
   h, w = image.shape[:2]
   params, (new_w, new_h) = letterbox_params(h, w, imgsz)
+  if check_resize(resize) == 'opencv':
+    canvas = np.full((imgsz, imgsz, 3), int(pad_value), np.uint8)
+    resized = resize_bilinear(image, (new_w, new_h)) if (new_w, new_h) != (w, h) else image
+    canvas[params.top:params.top + new_h, params.left:params.left + new_w] = resized
+    return canvas, params
   pil = Image.fromarray(image)
   if (new_w, new_h) != (w, h):
     pil = pil.resize((new_w, new_h), _BILINEAR)
   canvas = Image.new('RGB', (imgsz, imgsz), _fill(pad_value))
   canvas.paste(pil, (params.left, params.top))
   return np.asarray(canvas), params
+
+
+# ----------------------------------------------------------------------------- OpenCV-style resampling
+
+# OpenCV's INTER_LINEAR resize of uint8 images works in fixed point: weights are rounded to 11 bits
+# (INTER_RESIZE_COEF_BITS), the horizontal pass keeps exact integer sums, the vertical pass drops 4 bits of
+# each row, multiplies by its 11-bit weight keeping the high 16 bits, and rounds the last 2 bits away.
+_COEF_SCALE = 2048
+
+
+def _linear_taps(out_size: int, in_size: int, *, clamp: bool) -> tuple[np.ndarray, ...]:
+  """cv2.resize INTER_LINEAR taps along one axis: (i0, i1, w0, w1), out[j] ~ in[i0] w0 + in[i1] w1 with
+  integer weights summing to 2048. src = (j + 0.5) * in / out - 0.5 (in float32, as OpenCV); with `clamp`
+  (OpenCV's columns) a src outside [0, in - 1] takes the edge pixel with weight 2048, without it (its rows)
+  the fraction is kept and the row indices are clamped."""
+  src = ((np.arange(out_size, dtype=np.float64) + 0.5) * (in_size / out_size) - 0.5).astype(np.float32)
+  i0 = np.floor(src).astype(np.int64)
+  frac = (src - i0.astype(np.float32)).astype(np.float32)
+  if clamp:
+    outside = (i0 < 0) | (i0 >= in_size - 1)
+    frac[outside] = 0.0
+    i0 = np.clip(i0, 0, in_size - 1)
+  w0 = np.rint((np.float32(1.0) - frac) * np.float32(_COEF_SCALE)).astype(np.int64)
+  w1 = np.rint(frac * np.float32(_COEF_SCALE)).astype(np.int64)
+  return np.clip(i0, 0, in_size - 1), np.clip(i0 + 1, 0, in_size - 1), w0, w1
+
+
+def _to_uint8(x: np.ndarray) -> np.ndarray:
+  return np.clip(np.floor(x + 0.5), 0, 255).astype(np.uint8)
+
+
+def resize_bilinear(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+  """OpenCV's `cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)` in numpy: bilinear at half-pixel
+  centres, edge pixels replicated, no antialiasing (a reduction samples 2 taps per axis whatever the
+  factor), in OpenCV's fixed-point arithmetic (equal to OpenCV 5.1's output on the cases checked in
+  docs/architecture.md).
+
+  image: uint8 (H, W, C); size: (new_w, new_h) as OpenCV takes it. Returns uint8 (new_h, new_w, C).
+  """
+  new_w, new_h = int(size[0]), int(size[1])
+  h, w = image.shape[:2]
+  if new_w < 1 or new_h < 1:
+    raise ValueError(f'resize_bilinear: size {size} must be positive')
+  x0, x1, a0, a1 = _linear_taps(new_w, w, clamp=True)
+  y0, y1, b0, b1 = _linear_taps(new_h, h, clamp=False)
+  pixels = image.astype(np.int64)
+  cols = pixels[:, x0] * a0[None, :, None] + pixels[:, x1] * a1[None, :, None]     # (H, new_w, C)
+  top, bottom = cols[y0] >> 4, cols[y1] >> 4
+  out = (((top * b0[:, None, None]) >> 16) + ((bottom * b1[:, None, None]) >> 16) + 2) >> 2
+  return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def warp_bilinear(image: np.ndarray, M: np.ndarray, out_size: int, fill) -> np.ndarray:
+  """OpenCV's warpAffine / warpPerspective (INTER_LINEAR, BORDER_CONSTANT = fill) in numpy.
+
+  Output pixel (X, Y) (integer indices) samples `image` at M^-1 (X, Y, 1) (divided by its third entry),
+  bilinearly; a neighbour outside the image reads `fill`. image uint8 (H, W, 3), M (3, 3) image -> output
+  coordinates. Returns uint8 (out_size, out_size, 3).
+  """
+  h, w = image.shape[:2]
+  padded = np.empty((h + 2, w + 2, image.shape[2]), np.float32)
+  padded[...] = np.asarray(fill, np.float32)
+  padded[1:-1, 1:-1] = image
+  inv = np.linalg.inv(M)
+  idx = np.arange(out_size, dtype=np.float64)
+
+  def taps(coord, size):   # indices into the padded image (-1 and size read the fill) and weights
+    base = np.floor(coord)
+    frac = (coord - base).astype(np.float32)
+    i0 = np.clip(base, -1, size).astype(np.int64) + 1
+    i1 = np.clip(base + 1, -1, size).astype(np.int64) + 1
+    return i0, i1, frac
+
+  if _is_axis_aligned(M):   # separable: x depends on X only, y on Y only
+    x0, x1, fx = taps(inv[0, 0] * idx + inv[0, 2], w)
+    y0, y1, fy = taps(inv[1, 1] * idx + inv[1, 2], h)
+    rows = padded[y0] * (1.0 - fy)[:, None, None] + padded[y1] * fy[:, None, None]
+    out = rows[:, x0] * (1.0 - fx)[None, :, None] + rows[:, x1] * fx[None, :, None]
+    return _to_uint8(out)
+  X, Y = np.meshgrid(idx, idx)
+  src = np.einsum('ij,jhw->ihw', inv, np.stack([X, Y, np.ones_like(X)]))
+  denom = src[2]
+  denom = np.where(denom == 0, np.inf, denom)   # OpenCV maps a zero denominator to 0 (reads the fill)
+  x0, x1, fx = taps(src[0] / denom, w)
+  y0, y1, fy = taps(src[1] / denom, h)
+  fx, fy = fx[..., None], fy[..., None]
+  out = ((padded[y0, x0] * (1 - fx) + padded[y0, x1] * fx) * (1 - fy)
+         + (padded[y1, x0] * (1 - fx) + padded[y1, x1] * fx) * fy)
+  return _to_uint8(out)
 
 
 def boxes_to_letterbox(boxes: np.ndarray, params: LetterboxParams) -> np.ndarray:
@@ -346,6 +469,27 @@ def _render_general(tiles: Sequence[_Tile], canvas_size: tuple[int, int], M: np.
                           resample=_BILINEAR, fillcolor=fill)
 
 
+def _render_opencv(tiles: Sequence[_Tile], canvas_size: tuple[int, int], M: np.ndarray, out_size: int,
+                   fill, hflip: bool, vflip: bool) -> Image.Image:
+  """The reference's order with OpenCV resampling: each tile resized to its long-side size
+  (`resize_bilinear`), pasted on the canvas, the canvas warped by M (`warp_bilinear`), then mirrored."""
+  canvas = np.empty((canvas_size[1], canvas_size[0], 3), np.uint8)
+  canvas[...] = np.asarray(fill, np.uint8)
+  for tile in tiles:
+    x0, y0, x1, y1 = (int(v) for v in tile.region)
+    part = tile.image
+    if (part.shape[1], part.shape[0]) != tuple(tile.size):
+      part = resize_bilinear(part, tile.size)
+    bx, by = int(round(x0 - tile.padw)), int(round(y0 - tile.padh))
+    canvas[y0:y1, x0:x1] = part[by:by + (y1 - y0), bx:bx + (x1 - x0)]
+  out = warp_bilinear(canvas, M, out_size, fill)
+  if hflip:
+    out = out[:, ::-1]
+  if vflip:
+    out = out[::-1]
+  return Image.fromarray(np.ascontiguousarray(out))
+
+
 # ---------------------------------------------------------------------------------------------- colour
 
 _LUT_SIZE = 33
@@ -421,9 +565,9 @@ def merge_texts(samples: Sequence[Sample]) -> tuple[list, list]:
   return texts, labels
 
 
-def letterbox_sample(sample: Sample, imgsz: int, pad_value: int = 114) -> Sample:
-  """No augmentation: letterbox the image and map its boxes."""
-  image, params = letterbox(sample.image, imgsz, pad_value)
+def letterbox_sample(sample: Sample, imgsz: int, pad_value: int = 114, *, resize: str = 'pil') -> Sample:
+  """No augmentation: letterbox the image (`letterbox`, resampled as `resize`) and map its boxes."""
+  image, params = letterbox(sample.image, imgsz, pad_value, resize=resize)
   boxes = boxes_to_letterbox(sample.boxes, params)
   keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
   return Sample(image, boxes[keep], np.asarray(sample.labels, np.int64)[keep], list(sample.texts), sample.domain)
@@ -461,7 +605,9 @@ def augment_sample(samples: Sequence[Sample], rng: np.random.Generator, cfg: Aug
   vflip = bool(rng.random() < cfg.flipud)
   MF = flip_matrix(S, hflip, vflip) @ M
 
-  if _is_axis_aligned(MF):
+  if cfg.resize == 'opencv':
+    image = _render_opencv(tiles, canvas_size, M, S, fill, hflip, vflip)
+  elif _is_axis_aligned(MF):
     image = _render_axis_aligned(tiles, MF, S, fill)
   else:
     image = _render_general(tiles, canvas_size, MF, S, fill)

@@ -1,6 +1,6 @@
 """Category names of OptSAR-RSVG (16, ids 0-15) and DIOR-RSVG (20 classes).
 
-The OptSAR-RSVG ids are the release's COCO `category_id`s (training-and-data.md 1.5). The DIOR-RSVG names
+The OptSAR-RSVG ids are the release's COCO `category_id`s (docs/training-and-data.md 1.5). The DIOR-RSVG names
 are spelled as in the DIOR XML files (section 2); their ids here are positions in `DIOR_CLASSES`, which is
 also the order of the `objects/category` ClassLabel of the `dior_rsvg` TFDS dataset.
 """

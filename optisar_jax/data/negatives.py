@@ -1,6 +1,6 @@
 """Dynamic adversarial negative sampling: the K text slots of one training image.
 
-Reproduces the reference's `adv_RandomLoadText` (training-and-data.md section 4.3), run per sample after
+Reproduces the reference's `adv_RandomLoadText` (docs/training-and-data.md section 4.3), run per sample after
 all image augmentation. Given the sample's caption list `texts` and the caption id of every surviving
 box, the K slots are, in order:
 
@@ -14,6 +14,12 @@ box, the K slots are, in order:
 5. padding drawn uniformly with replacement from the global negative pool (no de-duplication);
 then truncation to K. Deviation 11.2: `text_mask` is False for a negative slot whose text equals
 (stripped, case-insensitively) one of the positive captions, so it is not trained toward 0.
+
+Box cap (`data.max_boxes`): boxes beyond the cap are removed before the slots are built, and their caption
+ids are passed as `dropped_labels`. A caption whose every box was removed that way describes an object
+that IS in the image: it is not a positive (it has no box to train) and it is never an in-sample negative
+(nor counted among the sample's texts for the negative cap); with `mask_false_negatives` a pool slot equal
+to it is masked like one equal to a positive. The reference has no box cap, so this never arises there.
 
 Pure numpy; every random draw comes from the `np.random.Generator` passed in.
 """
@@ -96,29 +102,37 @@ class SlotSampler:
                word_boundary=bool(config_value(data_config, 'negatives.word_boundary_swaps')),
                global_pool=global_pool)
 
-  def __call__(self, box_labels, texts: Sequence[str], rng: np.random.Generator) -> TextSlots:
+  def __call__(self, box_labels, texts: Sequence[str], rng: np.random.Generator, *,
+               dropped_labels=None) -> TextSlots:
     """Slots for one sample.
 
     Args:
-      box_labels: int (n,) caption id (index into `texts`) of every box that survived augmentation.
+      box_labels: int (n,) caption id (index into `texts`) of every box that survived augmentation and
+        the box cap.
       texts: the sample's distinct captions (after any flip rewriting).
       rng: the sample's generator.
+      dropped_labels: int (d,) caption ids of the boxes that survived augmentation but were removed by
+        the box cap (`data.max_boxes`); captions among them without a kept box are in the image, so they
+        are neither positives nor negatives (module docstring). None = no box was removed.
     """
     K = self.max_slots
     box_labels = np.asarray(box_labels, np.int64).reshape(-1)
-    if box_labels.size and (box_labels.min() < 0 or box_labels.max() >= len(texts)):
-      raise ValueError(f'box caption ids {box_labels.tolist()} out of range for {len(texts)} texts')
+    dropped = np.asarray([] if dropped_labels is None else dropped_labels, np.int64).reshape(-1)
+    for name, ids in (('box', box_labels), ('dropped box', dropped)):
+      if ids.size and (ids.min() < 0 or ids.max() >= len(texts)):
+        raise ValueError(f'{name} caption ids {ids.tolist()} out of range for {len(texts)} texts')
 
     # 1. Positives.
     positives = np.unique(box_labels)
     if positives.size > K:
       positives = np.sort(rng.choice(positives, size=K, replace=False))
     box_keep = np.isin(box_labels, positives)
+    in_image = np.setdiff1d(dropped, box_labels)     # captions whose every box the cap removed
 
     # 2. In-sample negative draw (drawn here, as in the reference, before slots are filled).
-    max_neg = min(len(texts), K) - positives.size
+    max_neg = min(len(texts) - in_image.size, K) - positives.size
     neg_count = min(max_neg, int(rng.integers(self.neg_samples[0], self.neg_samples[1] + 1)))
-    candidates = np.setdiff1d(np.arange(len(texts)), positives)
+    candidates = np.setdiff1d(np.arange(len(texts)), np.concatenate([positives, in_image]))
     in_sample = rng.choice(candidates, size=neg_count, replace=False) if neg_count > 0 else np.zeros(0, int)
 
     # 3. Positive slots.
@@ -177,10 +191,10 @@ class SlotSampler:
     slot_texts = slot_texts[:K]
     text_mask = np.asarray(text_mask[:K], bool)
 
-    # Deviation 11.2: negatives equal to a positive caption are not trained.
+    # Deviation 11.2: negatives equal to a positive caption (or to a capped-away one) are not trained.
     num_pos = int(positives.size)
-    if self.mask_false_negatives and num_pos:
-      pos_keys = {texts[int(p)].strip().lower() for p in positives}
+    if self.mask_false_negatives and (num_pos or in_image.size):
+      pos_keys = {texts[int(p)].strip().lower() for p in np.concatenate([positives, in_image])}
       for k in range(num_pos, K):
         if slot_texts[k].strip().lower() in pos_keys:
           text_mask[k] = False

@@ -148,10 +148,12 @@ class _BatchBuilder:
       out = augment.letterbox_sample(main, self.aug.imgsz, self.aug.pad_value)
 
     boxes, labels = out.boxes, out.labels
+    dropped = None
     if len(boxes) > self.max_boxes:
       keep = np.sort(rng.choice(len(boxes), size=self.max_boxes, replace=False))
+      dropped = np.delete(labels, keep)          # the cap's victims: their captions stay out of the negatives
       boxes, labels = boxes[keep], labels[keep]
-    slots = self.slots(labels, out.texts, rng)
+    slots = self.slots(labels, out.texts, rng, dropped_labels=dropped)
     boxes = boxes[slots.box_keep]
     n = len(boxes)
     M = self.max_boxes

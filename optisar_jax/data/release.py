@@ -1,7 +1,7 @@
 """Reading and validating the OptSAR-RSVG and DIOR-RSVG releases (the TFDS builders' readers).
 
 Both readers turn a release on disk into plain per-image records (`ImageRecord` holding `ObjectRecord`s),
-checking everything the release promises (training-and-data.md sections 1 and 2). Any problem ends in ONE
+checking everything the release promises (docs/training-and-data.md sections 1 and 2). Any problem ends in ONE
 `DatasetError` whose one-line message names the file (and the key or line) and what is wrong.
 
 OptSAR-RSVG (`read_optsar`): `images/{split}/`, `labels/{split}/` (YOLO txt), `{split}.json` (COCO with

@@ -15,7 +15,7 @@ scatterers. Image sizes vary (128-256 px, not always square).
 Everything is derived from the seed: the same seed gives byte-identical files. The dataset is written to a
 temporary folder next to `out` and renamed at the end.
 
-Layouts (training-and-data.md sections 1 and 2):
+Layouts (docs/training-and-data.md sections 1 and 2):
   optsar: images/{split}/opt_NNNNNN.jpg | sar_NNNNNN.png, labels/{split}/*.txt (YOLO), {split}.json (COCO
           with caption and category_name; the 16 official categories with ids 0-15). Numbers contiguous per
           domain across train -> val -> test; ~8:1:1 split; both domains in every split.

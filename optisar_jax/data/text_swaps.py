@@ -1,7 +1,7 @@
 """Caption rewriting: the adversarial swap table and direction-aware flip rewriting.
 
 * `adversarial_variants(caption)` reproduces the reference's "adversarial swap" generator
-  (training-and-data.md section 4.2): the caption is lower-cased and, for every rule of `SWAP_RULES` in
+  (docs/training-and-data.md section 4.2): the caption is lower-cased and, for every rule of `SWAP_RULES` in
   table order, the FIRST occurrence of the rule's source phrase is replaced by its target, each rule
   applied on its own to the original text (never chained). The distinct results, in the order they are
   first produced, are the caption's hard negatives. Matching is by plain substring, as in the reference,

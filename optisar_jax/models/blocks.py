@@ -1,4 +1,4 @@
-"""YOLO11 backbone/neck blocks (architecture.md section 4): Bottleneck, C3k, C3k2, SPPF, C2PSA.
+"""YOLO11 backbone/neck blocks (docs/architecture.md section 4): Bottleneck, C3k, C3k2, SPPF, C2PSA.
 
 All take and return NHWC maps; channel splits and concats follow the reference order.
 """

@@ -1,6 +1,6 @@
 """Box utilities shared by the head, the loss and evaluation: anchors, DFL decoding, IoU/CIoU, conversions.
 
-Conventions (architecture.md section 7):
+Conventions (docs/architecture.md section 7):
 
 * Anchors are cell centres in *grid units*, (w + 0.5, h + 0.5), levels concatenated P3 -> P5, each level
   row-major (index h * W + w). `make_anchors` returns them with a per-anchor stride column, so that

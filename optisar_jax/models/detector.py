@@ -1,4 +1,4 @@
-"""OptiSARNet: the OptiSAR-Net++ detector for text-queried grounding (architecture.md sections 1-3).
+"""OptiSARNet: the OptiSAR-Net++ detector for text-queried grounding (docs/architecture.md sections 1-3).
 
   images (B,S,S,3) in [0,1] --encode_image--> ImageFeatures: P3/P4/P5 backbone maps (layers 4, 6, 10)
                                               + the PL-MoE balance loss

@@ -1,4 +1,4 @@
-"""TGDF-SSA: text-guided dual-gated fusion with spatial shuffle attention (architecture.md section 6).
+"""TGDF-SSA: text-guided dual-gated fusion with spatial shuffle attention (docs/architecture.md section 6).
 
 Paper name: TGDF-SSA (reference class `TGDG_SSA`), neck layers 16, 19 and 22. For x (B,H,W,c1) and a text
 guide T (1 or B, K, D):
@@ -60,9 +60,14 @@ def ssa_indices(c: int, groups: int) -> tuple[np.ndarray, np.ndarray, np.ndarray
 
 class SpatialShuffleAttention(nnx.Module):
   """SSA (C channels, G groups). Per group of C_g = C/G channels, after a 2-way shuffle: the first half
-  is scaled by sigmoid(w_max * GMP(second half) + b_max), the second by sigmoid(w_avg * GAP(first half)
-  + b_avg) (the reference's pairing); parameters (C_g/2,) are shared by all groups; attention dropout
-  (train mode only); a final 2-way shuffle over all C channels. (B,H,W,C) -> (B,H,W,C).
+  is scaled by sigmoid(weight_max * GMP(second half) + bias_max), the second by
+  sigmoid(weight_avg * GAP(first half) + bias_avg) (the reference's pairing); parameters (C_g/2,) are
+  shared by all groups; attention dropout (train mode only); a final 2-way shuffle over all C channels.
+  (B,H,W,C) -> (B,H,W,C).
+
+  The parameter names are the reference's (`weight_avg`, `bias_avg`, `weight_max`, `bias_max`): the
+  optimizer's groups are decided by name, and a name containing 'bias' is not weight-decayed
+  (train/optimizer.py, docs/architecture.md).
 
   The two shuffles only move channels, so `scale(x)` computes the same thing without moving the map:
   SSA(x)[..., m] = (x * scale(x)[:, None, None])[..., source[m]] (`ssa_indices`), and a 1x1 conv that
@@ -74,10 +79,10 @@ class SpatialShuffleAttention(nnx.Module):
       raise ValueError(f'SSA: {c} channels are not divisible by 2 * groups = {2 * groups}')
     self.groups = groups
     self.half = c // groups // 2
-    self.w_avg = nnx.Param(jnp.zeros((self.half,)))
-    self.b_avg = nnx.Param(jnp.ones((self.half,)))
-    self.w_max = nnx.Param(jnp.zeros((self.half,)))
-    self.b_max = nnx.Param(jnp.ones((self.half,)))
+    self.weight_avg = nnx.Param(jnp.zeros((self.half,)))
+    self.bias_avg = nnx.Param(jnp.ones((self.half,)))
+    self.weight_max = nnx.Param(jnp.zeros((self.half,)))
+    self.bias_max = nnx.Param(jnp.ones((self.half,)))
     self.dropout = dropout
     self.deterministic = False
 
@@ -89,9 +94,9 @@ class SpatialShuffleAttention(nnx.Module):
     first_half = (np.arange(c) % (2 * self.half)) < self.half             # positions scaled by a max
     stat = jnp.where(first_half, xf.max(axis=(1, 2))[:, pooled], xf.mean(axis=(1, 2))[:, pooled])
     stat = stat.reshape(b, self.groups, 2 * self.half)                      # (B,G,C_g): position (g, k)
-    att = jax.nn.sigmoid(jnp.concatenate([self.w_max[...] * stat[..., :self.half] + self.b_max[...],
-                                          self.w_avg[...] * stat[..., self.half:] + self.b_avg[...]],
-                                         axis=-1))
+    att = jax.nn.sigmoid(jnp.concatenate(
+        [self.weight_max[...] * stat[..., :self.half] + self.bias_max[...],
+         self.weight_avg[...] * stat[..., self.half:] + self.bias_avg[...]], axis=-1))
     if self.dropout > 0 and not self.deterministic:
       key = require_rngs(rngs, 'SSA attention dropout').dropout()
       keep = jax.random.bernoulli(key, 1.0 - self.dropout, att.shape)

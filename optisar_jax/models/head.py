@@ -1,4 +1,4 @@
-"""Grounding head (architecture.md section 7; reference `OptiSARNetPlusPlusDetect`, layer 23).
+"""Grounding head (docs/architecture.md section 7; reference `OptiSARNetPlusPlusDetect`, layer 23).
 
 Per level i (strides 8/16/32) on the neck map x_i (B,H_i,W_i,c_i):
   box branch       Conv3x3 -> Conv3x3 -> conv1x1(+bias 1.0)      -> 4*reg_max DFL logits, side-major [l,t,r,b]

@@ -1,7 +1,7 @@
 """Basic layers shared by every block: Conv(+BN+SiLU), BatchNorm defaults, PyTorch-default inits.
 
 All maps are NHWC. Parameters are float32; arithmetic runs in `LayerOptions.dtype` (the config's
-`model.compute_dtype`). Inits reproduce PyTorch's defaults (architecture.md section 0) so that the
+`model.compute_dtype`). Inits reproduce PyTorch's defaults (docs/architecture.md section 0) so that the
 reference weights can be ported and the training dynamics start where the reference starts:
 
 * conv / linear weight ~ U(+-1/sqrt(fan_in)) = variance_scaling(1/3, 'fan_in', 'uniform'),

@@ -1,4 +1,4 @@
-"""PL-MoE: the patch-level shared-LoRA mixture of experts of backbone layer 8 (architecture.md section 5).
+"""PL-MoE: the patch-level shared-LoRA mixture of experts of backbone layer 8 (docs/architecture.md section 5).
 
 Paper name: PL-MoE (reference class `PLoRA_MoE`). Data flow for an input (B,H,W,c1):
 
@@ -70,6 +70,14 @@ def unpartition_patches(patches: jax.Array, batch: int, height: int, width: int)
 
 
 # -------------------------------------------------------------------------------------------- gate
+
+def router_width(c: int, gate_dim: int = 0) -> int:
+  """Width of the cosine router's projection for a block of c channels: `model.moe.gate_dim` when > 0,
+  else the reference's min(c // 2, 256) (64 at scale n, 128 at s/m/l, 192 at x)."""
+  if gate_dim < 0:
+    raise ValueError(f"config key 'model.moe.gate_dim': {gate_dim} must be >= 0 (0 = min(c // 2, 256))")
+  return int(gate_dim) if gate_dim > 0 else min(c // 2, 256)
+
 
 class CosineTopKGate(nnx.Module):
   """Cosine router with noisy top-k selection (noise only in train mode).
@@ -190,7 +198,8 @@ class PatchMoE(nnx.Module):
     self.max_patch = int(moe_config.max_patch)
     self.loss_coef = float(moe_config.loss_coef)
     self.gate = CosineTopKGate(c, int(moe_config.num_experts), int(moe_config.top_k),
-                               proj_dim=int(moe_config.gate_dim), noisy=bool(moe_config.noisy_gating),
+                               proj_dim=router_width(c, int(moe_config.gate_dim)),
+                               noisy=bool(moe_config.noisy_gating),
                                rngs=rngs)
     self.experts = SharedLoRAExperts(c, int(moe_config.num_experts), int(moe_config.rank),
                                      lora_scale_init=float(moe_config.lora_scale_init), opts=opts, rngs=rngs)

@@ -79,3 +79,25 @@ def format_summary(config, depth: int = 1) -> str:
                f'{int(config.model.reg_max)}')
   lines.append(f'total_params {trainable + int(config.model.reg_max)}')
   return '\n'.join(lines)
+
+
+def scales_table_markdown(config, scales=None) -> str:
+  """A markdown table of the per-layer parameter counts of `config` at each scale of `model.scales`
+  (or of `scales`), the rows L0..L23, then the trainable sum and the reference-convention total
+  (+ the reg_max frozen DFL weights); what docs/architecture.md section 3 shows."""
+  scales = list(scales or config.model.scales.keys())
+  columns = []
+  for scale in scales:
+    if scale not in config.model.scales:
+      raise ValueError(f"config key 'model.scale': {scale!r} is not one of model.scales "
+                       f'{sorted(config.model.scales)}')
+    scaled = config.copy_and_resolve_references()
+    scaled.model.scale = scale
+    columns.append(layer_param_counts(build_abstract_model(scaled)))
+  lines = ['| layer | module | ' + ' | '.join(scales) + ' |', '|---|---|' + '---:|' * len(scales)]
+  for i, kind in enumerate(LAYER_NAMES):
+    lines.append(f'| {i} | {kind} | ' + ' | '.join(f'{col[i]:,}' for col in columns) + ' |')
+  dfl = int(config.model.reg_max)
+  lines.append('| | trainable | ' + ' | '.join(f'{sum(col):,}' for col in columns) + ' |')
+  lines.append(f'| | total_params (+{dfl} DFL) | ' + ' | '.join(f'{sum(col) + dfl:,}' for col in columns) + ' |')
+  return '\n'.join(lines)

@@ -1,6 +1,6 @@
 """Exponential moving average of the model's float state (parameters and BatchNorm running statistics).
 
-As the reference's ModelEMA (training-and-data.md section 6.1): after optimizer step t (t = 1 after the
+As the reference's ModelEMA (docs/training-and-data.md section 6.1): after optimizer step t (t = 1 after the
 first update)
 
     d_t = decay * (1 - exp(-t / tau))            (0.9999 and 2000 in the recipe)

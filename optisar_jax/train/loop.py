@@ -163,7 +163,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, coordinator_addres
       stop = guard.should_stop(step) or (stop_after_steps is not None and steps_this_run >= stop_after_steps)
       if step % config.train.checkpoint_every == 0 or step == total_steps or stop:
         checkpointer.save(step, state, dataset.state_at(step), config, force=True)
-      if eval_every and step % eval_every == 0 and step < total_steps:
+      if optimizer_lib.validation_due(step, dataset.steps_per_epoch, total_steps, config.train) and step < total_steps:
         _validate(validator, state, step, checkpointer, dataset, writer, printer, config)
       if stop:
         break

@@ -13,7 +13,7 @@
 
 S = max(sum of all target scores, 1), w_a = sum_k target_a,k. Every sum (and the region means) runs over the
 GLOBAL batch, once: call the loss inside `jax.jit` on the global, sharded batch and the result is the same for
-any device count (deviation 11.4 of training-and-data.md: the reference multiplies per-device losses by the
+any device count (deviation 11.4 of docs/training-and-data.md: the reference multiplies per-device losses by the
 per-device batch size and the world size; we do not).
 
 Anchors are passed in, computed once from the static feature sizes:

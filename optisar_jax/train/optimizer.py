@@ -1,18 +1,23 @@
-"""The reference optimiser recipe as one jittable optax transformation (training-and-data.md section 6.1).
+"""The reference optimiser recipe as one jittable optax transformation (docs/training-and-data.md section 6.1).
 
     clip_by_global_norm(clip_norm)                        on the raw gradients, before everything
-    scale_by_adam(b1 = momentum(step), b2, eps)           b1 warms up from warmup_momentum to b1
+    scale_by_adam(b1, b2, eps)                            b1 constant (optionally warmed up, see below)
     add_decayed_weights(weight_decay, mask = decay group) decoupled (AdamW) decay, scaled by the lr below
     scale by -lr(step) (weights) / -bias_lr(step) (biases)
 
 Parameter groups (as the reference builds them, by name):
 
 * `bias`: every parameter whose '/'-joined path contains 'bias' (conv/linear biases, norm biases, the
-  contrastive head's bias): no decay; warms up from `warmup_bias_lr`.
+  contrastive head's bias, the SSA `bias_avg`/`bias_max`): no decay; warms up from `warmup_bias_lr`.
 * `no_decay`: normalisation weights (the parameters of any module whose class name contains 'Norm', or,
   when only a state tree is given, leaves named 'scale', flax's name for every norm's multiplier) and
-  any path containing 'logit_scale': no decay.
-* `decay`: everything else (kernels, embeddings, router temperature, LoRA factors, layer scales, gates).
+  any path containing 'logit_scale': no decay. With `optim.decay_tgdg_gates = False` (our default, a
+  deviation: docs/architecture.md) the TGDF-SSA gates `weight_gate` / `feature_gate` join this group.
+* `decay`: everything else (kernels, embeddings, router temperature, LoRA factors, layer scales, and, in
+  the reference, the TGDF-SSA gates).
+
+Our parameter names map one to one onto the reference's (tests/test_param_groups.py writes the map
+down), so these rules put every parameter where the reference's rules put its counterpart.
 
 Learning rate at optimizer step s (0-based; the first update uses s = 0), epoch e = floor(s / steps_per_epoch)
 (e = E from s = total_steps on, so the schedule ends at lr * lrf even when E is fractional):
@@ -20,16 +25,23 @@ Learning rate at optimizer step s (0-based; the first update uses s = 0), epoch 
     lf(e)   = 1 + (lrf - 1) * (1 - cos(pi * e / E)) / 2          (cosine from 1 to lrf over E epochs)
     lr(s)   = lr * lf(e)                                          after warmup
     lr(s)   = start + (lr * lf(e) - start) * s / n_w              for s <= n_w (start = 0, warmup_bias_lr)
-    b1(s)   = warmup_momentum + (b1 - warmup_momentum) * min(s / n_w, 1)
     n_w     = max(round(warmup_epochs * steps_per_epoch), warmup_min_steps)   (0 if warmup_epochs <= 0)
+    b1(s)   = b1                                                  (the reference: see below)
+
+Adam's b1 stays `optim.b1` throughout, as in the reference: its warmup interpolates `momentum` only in
+parameter groups that have that key, and AdamW's groups have `betas` instead. `optim.warmup_b1 = True`
+(not the reference) warms b1 up as Ultralytics does SGD's momentum:
+b1(s) = warmup_momentum + (b1 - warmup_momentum) * min(s / n_w, 1).
 
 E = total_steps / steps_per_epoch: the config's `train.epochs`, or `train.num_steps / steps_per_epoch`
 when `train.num_steps > 0` (see `total_train_steps`).
 
-Loss scale and clipping: the reference multiplies each device's mean loss by its batch (8) and by the world
-size (8), so its gradients are 64x those of a loss normalised once over the global batch of 64, which is
-what optisar-jax computes. Its clip threshold 10 therefore corresponds to 10 / 64 here
-(`optim.clip_norm = 10 / 64` in configs/optsar_rsvg.py). Adam itself is invariant to the scale (up to eps).
+Loss scale, clipping and eps: the reference multiplies each device's mean loss by its batch (8) and by the
+world size (8), so its gradients are 64x those of a loss normalised once over the global batch of 64, which
+is what optisar-jax computes. Its clip threshold 10 therefore corresponds to 10 / 64 here
+(`optim.clip_norm = 10 / 64` in configs/optsar_rsvg.py). Adam's update m / (sqrt(v) + eps) is invariant to
+the gradient scale except through eps, so the reference's eps 1e-8 corresponds to 1e-8 / 64 here
+(`optim.eps`).
 """
 
 from __future__ import annotations
@@ -47,6 +59,9 @@ from optisar_jax.runtime.sharding import path_to_str
 GROUP_BIAS = 'bias'
 GROUP_NO_DECAY = 'no_decay'
 GROUP_DECAY = 'decay'
+# The TGDF-SSA gate parameters (models/fusion.py GatedMaxSigmoidAttn), exempt from decay when
+# `optim.decay_tgdg_gates` is False.
+GATE_NAMES = ('weight_gate', 'feature_gate')
 
 
 def total_train_steps(train_config, steps_per_epoch: int) -> int:
@@ -73,7 +88,7 @@ class Schedules:
   """Step -> value functions (jittable, also callable with Python ints for logging)."""
   lr: Callable[[Any], jax.Array]          # weights (decay and no_decay groups)
   bias_lr: Callable[[Any], jax.Array]     # bias group
-  momentum: Callable[[Any], jax.Array]    # Adam b1
+  momentum: Callable[[Any], jax.Array]    # Adam b1 (constant unless optim.warmup_b1)
   warmup_steps: int
   epochs: float
   steps_per_epoch: int
@@ -81,7 +96,7 @@ class Schedules:
 
 
 def make_schedules(optim_config, *, steps_per_epoch: int, total_steps: int) -> Schedules:
-  """The learning-rate and momentum schedules of the recipe (see the module docstring)."""
+  """The learning-rate and b1 schedules of the recipe (see the module docstring)."""
   if steps_per_epoch <= 0:
     raise ValueError(f'steps_per_epoch must be positive, got {steps_per_epoch}')
   if total_steps <= 0:
@@ -89,7 +104,8 @@ def make_schedules(optim_config, *, steps_per_epoch: int, total_steps: int) -> S
   epochs = total_steps / steps_per_epoch
   n_w = warmup_steps(optim_config, steps_per_epoch)
   lr0, lrf = float(optim_config.lr), float(optim_config.lrf)
-  b1, b1_start = float(optim_config.b1), float(optim_config.warmup_momentum)
+  b1 = float(optim_config.b1)
+  b1_start = float(optim_config.warmup_momentum) if bool(optim_config.warmup_b1) else b1
   bias_start = float(optim_config.warmup_bias_lr)
 
   def epoch_of(step):
@@ -109,6 +125,8 @@ def make_schedules(optim_config, *, steps_per_epoch: int, total_steps: int) -> S
     return schedule
 
   def momentum(step):
+    if b1_start == b1:
+      return jnp.full((), b1, jnp.float32)
     return b1_start + (b1 - b1_start) * warmup_fraction(step)
 
   return Schedules(lr=make_lr(0.0), bias_lr=make_lr(bias_start), momentum=momentum, warmup_steps=n_w,
@@ -126,30 +144,39 @@ def _norm_param_paths(module: nnx.Module) -> tuple[dict[str, Any], set[str]]:
   return params, norm
 
 
-def param_group(name: str, norm_paths: set[str] | None = None) -> str:
-  """The group ('bias', 'no_decay' or 'decay') of a parameter from its '/'-joined path."""
+def param_group(name: str, norm_paths: set[str] | None = None, *, decay_gates: bool = True) -> str:
+  """The group ('bias', 'no_decay' or 'decay') of a parameter from its '/'-joined path.
+
+  decay_gates: False moves the TGDF-SSA gates (`GATE_NAMES`) from 'decay' to 'no_decay'.
+  """
   if 'bias' in name:
     return GROUP_BIAS
   if 'logit_scale' in name:
+    return GROUP_NO_DECAY
+  if not decay_gates and name.rsplit('/', 1)[-1] in GATE_NAMES:
     return GROUP_NO_DECAY
   if norm_paths is not None:
     return GROUP_NO_DECAY if name in norm_paths else GROUP_DECAY
   return GROUP_NO_DECAY if name.rsplit('/', 1)[-1] == 'scale' else GROUP_DECAY
 
 
-def param_groups(params_tree) -> Any:
-  """A tree (the structure of the parameters) of group labels; accepts an nnx Module or a state tree."""
+def param_groups(params_tree, *, decay_gates: bool = True) -> Any:
+  """A tree (the structure of the parameters) of group labels; accepts an nnx Module or a state tree.
+
+  decay_gates: `optim.decay_tgdg_gates` (True = the reference's groups).
+  """
   if isinstance(params_tree, nnx.Module):
     params_tree, norm = _norm_param_paths(params_tree)
   else:
     norm = None
-  return jax.tree_util.tree_map_with_path(lambda path, _: param_group(path_to_str(path), norm), params_tree)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: param_group(path_to_str(path), norm, decay_gates=decay_gates), params_tree)
 
 
-def _group_fn(params_tree) -> Callable[[str], str]:
+def _group_fn(params_tree, decay_gates: bool) -> Callable[[str], str]:
   """name -> group, with norm modules found from the Module when one is given."""
   norm = _norm_param_paths(params_tree)[1] if isinstance(params_tree, nnx.Module) else None
-  return lambda name: param_group(name, norm)
+  return lambda name: param_group(name, norm, decay_gates=decay_gates)
 
 
 def make_optimizer(optim_config, *, steps_per_epoch: int, total_steps: int, params_tree=None
@@ -157,8 +184,9 @@ def make_optimizer(optim_config, *, steps_per_epoch: int, total_steps: int, para
   """AdamW with the recipe's groups, warmup, cosine and clipping (module docstring) as one transformation.
 
   Args:
-    optim_config: the config's `optim` section (lr, b1, b2, eps, weight_decay, lrf, warmup_epochs,
-      warmup_min_steps, warmup_bias_lr, warmup_momentum, clip_norm; clip_norm <= 0 disables clipping).
+    optim_config: the config's `optim` section (lr, b1, b2, eps, weight_decay, decay_tgdg_gates, lrf,
+      warmup_epochs, warmup_min_steps, warmup_bias_lr, warmup_b1, warmup_momentum, clip_norm;
+      clip_norm <= 0 disables clipping).
     steps_per_epoch: optimizer steps per epoch (training images // global batch).
     total_steps: optimizer steps of the whole run (`total_train_steps(config.train, steps_per_epoch)`).
     params_tree: the model (an nnx Module, so norm layers are found by type) or its parameter state;
@@ -168,7 +196,7 @@ def make_optimizer(optim_config, *, steps_per_epoch: int, total_steps: int, para
   decided from each leaf's path, so `init`/`update` may be given the `nnx.Param` state directly.
   """
   schedules = make_schedules(optim_config, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
-  group_of = _group_fn(params_tree)
+  group_of = _group_fn(params_tree, bool(optim_config.decay_tgdg_gates))
 
   def labels(params):
     return jax.tree_util.tree_map_with_path(lambda path, _: group_of(path_to_str(path)), params)
@@ -206,3 +234,40 @@ def steps_per_epoch_for(num_train_images: int, global_batch_size: int) -> int:
     raise ValueError(f'{num_train_images} training images give no full global batch of {global_batch_size}')
   return steps
 
+
+# ------------------------------------------------------------------------------------- validation cadence
+
+def validation_due(step: int, steps_per_epoch: int, total_steps: int, train_config) -> bool:
+  """Whether the training loop validates after optimizer step `step` (1-based: steps taken so far).
+
+  The reference validates at the end of every 20th epoch, at the final epoch, and at the end of each of
+  the last 5 epochs (`epochs - epoch <= 5`, 0-based epoch; docs/training-and-data.md section 6.1). Keys of
+  `train_config` (the config's `train` section):
+
+    eval_every_epochs   when an epoch ends and its 1-based number is a multiple of this
+    eval_every_steps    > 0: every this many steps instead of the epoch rule above
+    eval_last_epochs    also at the end of each of the last N epochs (0 = off)
+
+  The final step always validates, unless both cadence keys are 0 (validation off). An epoch ends when
+  `step` is a multiple of `steps_per_epoch`; the last N epochs are those ending within N * steps_per_epoch
+  steps of `total_steps` (epochs E-N+1..E of an E-epoch run).
+  """
+  if steps_per_epoch <= 0:
+    raise ValueError(f'steps_per_epoch must be positive, got {steps_per_epoch}')
+  every_steps = int(train_config.eval_every_steps)
+  every_epochs = int(train_config.eval_every_epochs)
+  last_epochs = int(train_config.eval_last_epochs)
+  if every_steps < 0 or every_epochs < 0 or last_epochs < 0:
+    raise ValueError("config keys 'train.eval_every_steps', 'train.eval_every_epochs' and "
+                     f"'train.eval_last_epochs' must be >= 0, got {every_steps}, {every_epochs}, {last_epochs}")
+  if every_steps == 0 and every_epochs == 0:
+    return False
+  if step >= total_steps:
+    return True
+  if every_steps:
+    if step % every_steps == 0:
+      return True
+  elif step % (every_epochs * steps_per_epoch) == 0:
+    return True
+  epoch_end = step % steps_per_epoch == 0
+  return epoch_end and total_steps - step < last_epochs * steps_per_epoch
