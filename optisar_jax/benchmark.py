@@ -295,7 +295,7 @@ def bench_evaluate(config, config_name: str, batch: int, imgsz: int, *, warmup: 
   pad = int(config.data.pad_value)
 
   def image_of(i):
-    return pipeline.eval_canvas(source[i], imgsz, pad)
+    return pipeline.eval_canvas(source[i], imgsz, pad, resize=str(config.data.resize))
 
   queries = sum(len(ex['captions']) for ex in examples)
   graphdef, params, rest = _fresh_weights(config)

@@ -332,7 +332,7 @@ class Grounder:
   def ground(self, image: np.ndarray, queries: Sequence[str]) -> list[tuple[np.ndarray | None, float]]:
     """Grounds several queries on one RGB image (H,W,3) uint8: [(xyxy original pixels | None, score)]."""
     canvas, params = augment.letterbox(np.asarray(image), int(self.config.data.imgsz),
-                                       int(self.config.data.pad_value))
+                                       int(self.config.data.pad_value), resize=str(self.config.data.get('resize', 'pil')))
     h, w = image.shape[:2]
     example = {'image': canvas, 'letterbox': params, 'orig_size': (h, w), 'captions': list(queries),
                'query_ids': np.arange(len(queries)), 'gt_boxes': np.zeros((len(queries), 4), np.float32),
@@ -457,7 +457,7 @@ def _gather_answers(answers: dict[tuple[int, int], tuple[np.ndarray, float]]
 
 
 def score_results(results: Sequence[QueryResult], examples: Sequence[dict]) -> dict:
-  """The metrics JSON (interfaces.md section 5, plus per_category) of grounded queries."""
+  """The metrics JSON (docs/interfaces.md section 5, plus per_category) of grounded queries."""
   n = len(results)
   pred = np.full((n, 4), np.nan)
   for k, r in enumerate(results):
@@ -505,6 +505,7 @@ class EvalSplit:
   def __init__(self, config: ml_collections.ConfigDict, split: str):
     from optisar_jax.data.sources import open_source
     self.imgsz, self.pad_value = int(config.data.imgsz), int(config.data.pad_value)
+    self.resize = str(config.data.get('resize', 'pil'))
     self.split = split
     self.source = open_source(config, split, skip_images=True)
     self.category_names = list(self.source.dataset_info.features['objects']['category'].names)
@@ -512,7 +513,8 @@ class EvalSplit:
 
   def canvas(self, i: int) -> np.ndarray:
     """The letterboxed uint8 (imgsz, imgsz, 3) canvas of example i."""
-    return pipeline.eval_canvas(self.source[self.examples[i]['index']], self.imgsz, self.pad_value)
+    return pipeline.eval_canvas(self.source[self.examples[i]['index']], self.imgsz, self.pad_value,
+                                resize=self.resize)
 
 
 def evaluate_split(grounder: Grounder, config: ml_collections.ConfigDict, split: str | EvalSplit, *,

@@ -126,7 +126,8 @@ def write_export(workdir: str, output_dir: str, *, use_ema: bool = True,
     if config.text.mode == 'frozen':
       cache_identity = texts_lib.load_run_texts(config, workdir).cache.encoder_identity
     meta = {'format': FORMAT, 'step': step, 'ema': use_ema, 'imgsz': size,
-            'pad_value': int(config.data.pad_value), 'text_mode': config.text.mode,
+            'pad_value': int(config.data.pad_value), 'resize': str(config.data.get('resize', 'pil')),
+            'text_mode': config.text.mode,
             'text_dim': int(config.text.dim), 'text_encoder': config.text.encoder,
             'text_encoder_identity': cache_identity,
             'context_length': int(config.text.tower.context_length),
@@ -200,7 +201,8 @@ class ExportedGrounder:
              ) -> list[tuple[np.ndarray | None, float]]:
     """[(xyxy original pixels | None, score)] for each query on one RGB uint8 image."""
     from optisar_jax.data.augment import letterbox
-    canvas, params = letterbox(np.asarray(image), self.imgsz, int(self.meta['pad_value']))
+    canvas, params = letterbox(np.asarray(image), self.imgsz, int(self.meta['pad_value']),
+                               resize=str(self.meta.get('resize', 'pil')))
     vectors = self.embed(queries) if query_embeddings is None else np.asarray(query_embeddings)
     boxes, scores = self.predict(canvas[None], vectors[None])
     h, w = image.shape[:2]

@@ -1,6 +1,6 @@
 """Grounding metrics: Pr@{0.5..0.9}, meanIoU, cumIoU, per domain (all / optical / SAR) and per category.
 
-Definitions (interfaces.md section 5, docs/training-and-data.md section 8), per query q with one gt box g and
+Definitions (docs/interfaces.md section 5, docs/training-and-data.md section 8), per query q with one gt box g and
 one predicted box p or none, both xyxy in original-image pixels:
 
 * p and g are clipped to [0, W] x [0, H]; inter_q = overlap area, union_q = area(p) + area(g) - inter_q,
@@ -88,7 +88,7 @@ def summarize(inter: np.ndarray, union: np.ndarray, iou: np.ndarray) -> dict:
 
 def grounding_metrics(pred_boxes: np.ndarray, gt_boxes: np.ndarray, image_wh: np.ndarray,
                       category_names: Sequence[str], has_prediction: np.ndarray | None = None) -> dict:
-  """The metrics JSON of interfaces.md section 5, plus a per-category breakdown.
+  """The metrics JSON of docs/interfaces.md section 5, plus a per-category breakdown.
 
   Args:
     pred_boxes: (N, 4) xyxy predictions in original pixels; NaN rows = no prediction.

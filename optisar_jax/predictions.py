@@ -1,6 +1,6 @@
 """Predictions files and COCO-style grounding annotations: reading, validation, writing, scoring.
 
-Predictions file (interfaces.md section 6): a JSON list, one entry per query,
+Predictions file (docs/interfaces.md section 6): a JSON list, one entry per query,
 `{"id": <annotation id>, "bbox": [x, y, w, h] | null, "score": <float, optional>}`, boxes in original-image
 pixels. A query id absent from the file counts as no prediction; an id not in the annotations, or one that
 appears twice, is an error.

@@ -7,7 +7,7 @@ Usage:
 The first form scores the newest checkpoint of a training workdir (EMA weights unless --no_ema) on a
 split of its TFDS dataset; --output defaults to W/eval/<split>_metrics.json.
 
-Prints a metrics table; with --output also writes the metrics JSON (interfaces.md section 5), atomically.
+Prints a metrics table; with --output also writes the metrics JSON (docs/interfaces.md section 5), atomically.
 Errors end with one line on stderr: exit code 2 for bad arguments, 1 for bad or missing files.
 """
 
@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument('--coordinator_address', default=None, help='multi-host: HOST:PORT of process 0')
   parser.add_argument('--num_processes', type=int, default=None, help='multi-host: number of processes')
   parser.add_argument('--process_id', type=int, default=None, help='multi-host: index of this process')
-  parser.add_argument('--predictions', help='predictions file to score (JSON list, interfaces.md section 6)')
+  parser.add_argument('--predictions', help='predictions file to score (JSON list, docs/interfaces.md section 6)')
   parser.add_argument('--annotations', help='COCO-style annotations JSON (with --predictions)')
   parser.add_argument('--output', help='where to write the metrics JSON')
   parser.add_argument('--per_category', action='store_true', help='also print one table row per category')

@@ -16,7 +16,7 @@ CAPTIONS = ['the plane on the left', 'the large ship in the upper left corner', 
 
 
 def make_records(n, seed=0):
-  """In-memory records in the TFDS feature layout (interfaces.md section 4)."""
+  """In-memory records in the TFDS feature layout (docs/interfaces.md section 4)."""
   rng = np.random.default_rng(seed)
   records = []
   for i in range(n):

@@ -145,7 +145,7 @@ class _BatchBuilder:
         samples += [record_to_sample(self.source[int(j)]) for j in extra]
       out = augment.augment_sample(samples, rng, self.aug)
     else:
-      out = augment.letterbox_sample(main, self.aug.imgsz, self.aug.pad_value)
+      out = augment.letterbox_sample(main, self.aug.imgsz, self.aug.pad_value, resize=self.aug.resize)
 
     boxes, labels = out.boxes, out.labels
     dropped = None
@@ -413,18 +413,19 @@ def eval_metadata(record, index: int, imgsz: int) -> dict:
           'domain': int(record.get('domain', 0))}
 
 
-def eval_canvas(record, imgsz: int, pad_value: int = 114) -> np.ndarray:
-  """The letterboxed uint8 (imgsz, imgsz, 3) canvas of one record (decoding it if it is encoded)."""
-  return augment.letterbox(_decoded(record['image']), imgsz, pad_value)[0]
+def eval_canvas(record, imgsz: int, pad_value: int = 114, *, resize: str = 'pil') -> np.ndarray:
+  """The letterboxed uint8 (imgsz, imgsz, 3) canvas of one record (decoding it if it is encoded), resampled
+  as `data.resize`."""
+  return augment.letterbox(_decoded(record['image']), imgsz, pad_value, resize=resize)[0]
 
 
 def make_eval_examples(source, imgsz: int, *, pad_value: int = 114, process_index: int = 0,
-                       process_count: int = 1) -> Iterator[dict]:
+                       process_count: int = 1, resize: str = 'pil') -> Iterator[dict]:
   """One dict per image (images i with i % process_count == process_index), in source order: the
   `eval_metadata` keys plus `image`, the letterboxed uint8 (imgsz, imgsz, 3) canvas. (Evaluation of a
   split streams instead: metadata first, pixels only for the images this process's devices run.)"""
   for i in range(process_index, len(source), process_count):
     record = source[i]
     example = eval_metadata(record, i, imgsz)
-    example['image'] = eval_canvas(record, imgsz, pad_value)
+    example['image'] = eval_canvas(record, imgsz, pad_value, resize=resize)
     yield example

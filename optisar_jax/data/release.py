@@ -12,7 +12,7 @@ object indices, counted over the XML files sorted by name and, inside a file, in
 record per (image, split) holding only the objects of that split; an object's id is its global index.
 
 Records hold boxes as COCO [x, y, w, h] in pixels of the original image. `tfds_example(record)` converts a
-record into the example of the TFDS datasets (interfaces.md section 4); `data/sources.py` builds
+record into the example of the TFDS datasets (docs/interfaces.md section 4); `data/sources.py` builds
 and opens those datasets.
 """
 
@@ -572,7 +572,7 @@ def read_release(dataset: str, manual_dir: str) -> dict[str, list[ImageRecord]]:
 
 
 def tfds_features(dataset: str):
-  """The FeaturesDict of the TFDS dataset (interfaces.md section 4)."""
+  """The FeaturesDict of the TFDS dataset (docs/interfaces.md section 4)."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   names = {'optsar_rsvg': cats.OPTSAR_CATEGORIES, 'dior_rsvg': cats.DIOR_CLASSES}[dataset]
   # encoding_format=None: the bytes are the original RGB JPEG or lossless PNG (see encode_image_for_tfds);

@@ -3,7 +3,7 @@
 Built from the extracted release in `manual_dir` (Annotations/, JPEGImages/, train.txt, val.txt,
 test.txt), validated by `optisar_jax.data.release.read_dior`. The split files list global object indices,
 so an image can appear in several splits, each time with only that split's objects. Features:
-interfaces.md section 4 (all images optical).
+docs/interfaces.md section 4 (all images optical).
 """
 
 import tensorflow_datasets as tfds

@@ -1,7 +1,7 @@
 """OptSAR-RSVG as a TFDS dataset: one example per image, one object per referring expression.
 
 Built from the extracted release in `manual_dir` (images/, labels/, train.json, val.json, test.json),
-validated by `optisar_jax.data.release.read_optsar`. Features: interfaces.md section 4.
+validated by `optisar_jax.data.release.read_optsar`. Features: docs/interfaces.md section 4.
 """
 
 import tensorflow_datasets as tfds
