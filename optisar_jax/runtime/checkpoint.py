@@ -7,8 +7,10 @@ Layout under the run's work directory:
 
 * `state`: the train state pytree (params, opt_state, ema, step, ...) as Orbax `StandardSave`; every
   process writes its own shards, so nothing is gathered on one host.
-* `data`: the data iterator state (JSON). With several processes the states of all processes are
-  gathered and saved as `{"per_process": [...]}`; each process restores its own entry.
+* `data`: the input iterator state (JSON): the next global step and what checks it belongs to the run. It
+  is the same in every process (checked at each save), so one copy is saved and a checkpoint written by
+  P processes restores on any process count (older checkpoints' `{"per_process": [...]}` form too, when
+  its entries agree).
 * `config`: the run's config (JSON), for reference and for tools.
 
 Restoring takes an abstract tree of `jax.ShapeDtypeStruct(shape, dtype, sharding=...)` built for the
@@ -17,7 +19,10 @@ is read onto any other (or onto one CPU).
 
 Atomicity is Orbax's: a step is written to `<step>.orbax-checkpoint-tmp-<n>` and renamed when complete,
 so a run killed mid-save leaves a tmp directory that is never taken for the latest step (and is removed
-when the next manager opens the directory).
+when the next manager opens the directory). A complete checkpoint damaged later (a truncated or missing
+file: a failing disk, an interrupted copy) is found when it is restored: `restore_newest_intact` names it
+in one line, moves it to `WORKDIR/checkpoints_damaged/<step>` (never deletes it) and restores the next
+newest; every process takes the same decision.
 
 `PreemptionGuard` turns SIGTERM (the scheduler's preemption notice) into a flag the loop checks every
 step; with several processes all of them agree on the step at which to save (JAX's preemption sync
@@ -42,6 +47,7 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_SUBDIR = 'checkpoints'
 BEST_SUBDIR = 'checkpoints_best'
+DAMAGED_SUBDIR = 'checkpoints_damaged'
 BEST_METRIC = 'meanIoU'
 
 _BYTES_KEY = '__utf8_bytes__'
@@ -91,11 +97,10 @@ class TrainCheckpointer:
     self.directory = os.path.abspath(directory)
     self.best_directory = os.path.abspath(best_directory) if best_directory else None
     self.best_metric = best_metric
-    self._manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True,
-            enable_async_checkpointing=async_save))
+    self._options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True,
+        enable_async_checkpointing=async_save)
+    self._manager = ocp.CheckpointManager(self.directory, options=self._options)
     self._best_manager = None
     self._best_value: float | None = None
     if self.best_directory:
@@ -115,7 +120,10 @@ class TrainCheckpointer:
   # ------------------------------------------------------------------------------------------- save
   def _args(self, state, data_state, config) -> ocp.args.Composite:
     states = _gather_json(_encode_data_state(data_state))
-    data = states[0] if len(states) == 1 else {'per_process': states}
+    if any(other != states[0] for other in states[1:]):
+      raise ValueError(f'input iterator states differ between processes at a checkpoint ({states[0]!r} vs '
+                       f'{next(o for o in states[1:] if o != states[0])!r}); they must be one global state')
+    data = states[0]
     return ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         data=ocp.args.JsonSave(data),
@@ -190,13 +198,56 @@ class TrainCheckpointer:
     restored = manager.restore(int(step), args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
     data = restored['data']
-    if isinstance(data, dict) and set(data) == {'per_process'}:
+    if isinstance(data, dict) and set(data) == {'per_process'}:     # written before the single form
       per_process = data['per_process']
-      if len(per_process) != jax.process_count():
-        raise ValueError(f'checkpoint {step} holds data states of {len(per_process)} processes; this run has '
-                         f'{jax.process_count()}')
-      data = per_process[jax.process_index()]
+      if any(entry != per_process[0] for entry in per_process[1:]):
+        if len(per_process) != jax.process_count():
+          raise ValueError(f'checkpoint {step} holds different data states for {len(per_process)} processes; '
+                           f'this run has {jax.process_count()}')
+        data = per_process[jax.process_index()]
+      else:
+        data = per_process[0]
     return restored['state'], _decode_data_state(data)
+
+  def restore_newest_intact(self, abstract_state) -> tuple[int, Any, Any] | None:
+    """(step, state, data_state) of the newest checkpoint that restores, or None when none does (or there
+    is none). A checkpoint that fails to restore on any process is named in one line, moved to
+    WORKDIR/checkpoints_damaged/<step> by process 0 and skipped by every process."""
+    while True:
+      step = self._manager.latest_step()
+      if step is None:
+        return None
+      error = None
+      try:
+        state, data_state = self._restore(self._manager, step, abstract_state)
+      except Exception as err:  # Orbax, TensorStore and asyncio raise many kinds for a damaged file
+        error = err
+      failed = _gather_json(error is not None)
+      if not any(failed):
+        return int(step), state, data_state
+      self._set_aside(int(step), error)
+
+  def _set_aside(self, step: int, error: BaseException | None) -> None:
+    """Moves checkpoint `step` out of the managed directory (process 0) and reopens the manager."""
+    source = os.path.join(self.directory, str(step))
+    aside_root = os.path.join(os.path.dirname(self.directory), DAMAGED_SUBDIR)
+    target = os.path.join(aside_root, str(step))
+    n = 1
+    while os.path.exists(target):
+      target = os.path.join(aside_root, f'{step}-{n}')
+      n += 1
+    reason = f'{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ""}' if error else \
+        'it failed to restore on another process'
+    if jax.process_index() == 0:
+      os.makedirs(aside_root, exist_ok=True)
+      os.replace(source, target)
+      print(f'checkpoint {source} is damaged ({reason[:200]}); moved it to {target} and trying the next newest',
+            flush=True)
+    if jax.process_count() > 1:
+      from optisar_jax.runtime import distributed
+      distributed.barrier(f'checkpoint-{step}-set-aside')
+    self._manager.close()
+    self._manager = ocp.CheckpointManager(self.directory, options=self._options)
 
   def restore_subtree(self, abstract_subtree, *, step: int | None = None, best: bool = False) -> Any:
     """Only the keys of `abstract_subtree` from the saved state (an Orbax partial restore), e.g.

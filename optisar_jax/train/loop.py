@@ -91,15 +91,19 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, coordinator_addres
   checkpointer = checkpoint_lib.TrainCheckpointer.from_config(workdir, config)
   data_iter = dataset.iterator(0)
   start_step = 0
-  latest = checkpointer.latest_step()
-  if latest is not None:
+  if checkpointer.latest_step() is not None:
     abstract = sharding_lib.abstract_with_shardings(jax.eval_shape(lambda: state), state_shardings)
-    state, data_state = checkpointer.restore(latest, abstract)
-    if data_state is not None:
-      data_iter.set_state(data_state)
-    start_step = int(jax.device_get(state['step']))
-    if main:
-      print(f'resumed from {checkpointer.directory} at step {start_step}', flush=True)
+    restored = checkpointer.restore_newest_intact(abstract)      # a damaged newest one is set aside
+    if restored is None:
+      if main:
+        print(f'no intact checkpoint in {checkpointer.directory}: starting from step 0', flush=True)
+    else:
+      _, state, data_state = restored
+      start_step = int(jax.device_get(state['step']))
+      # A checkpoint without input state (converted, or from older code) resumes the data at its step.
+      data_iter.set_state(data_state if data_state is not None else dataset.state_at(start_step))
+      if main:
+        print(f'resumed from {checkpointer.directory} at step {start_step}', flush=True)
 
   # --------------------------------------------------------------------------------- the jitted step
   batch_sharding = sharding_lib.batch_sharding(mesh)
@@ -128,7 +132,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, coordinator_addres
   batches = prefetch_lib.DevicePrefetch(
       data_iter, lambda b: sharding_lib.global_batch_from_process_local(b, batch_sharding),
       size=int(config.data.device_prefetch))
-  with jax.set_mesh(mesh), checkpoint_lib.PreemptionGuard() as guard, batches:
+  # Without JAX's preemption service, processes agree on a stop by all-gathering their SIGTERM flags:
+  # at log steps only, never a host sync per step.
+  guard = checkpoint_lib.PreemptionGuard(sync_every=int(config.train.log_every))
+  with jax.set_mesh(mesh), guard, batches:
     while step < total_steps:
       batch = next(batches)
       if compiled_step is None:   # compiled ahead of the first call, on every process before any runs it
@@ -139,17 +146,23 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, coordinator_addres
       steps_this_run += 1
       pending.append(metrics)
       log_now = step % config.train.log_every == 0 or step == total_steps
-      if log_now:
+      stop = guard.should_stop(step) or (stop_after_steps is not None and steps_this_run >= stop_after_steps)
+      save_now = step % config.train.checkpoint_every == 0 or step == total_steps or stop
+      if log_now or save_now:
+        # Every step's finiteness is checked before anything is logged or saved: a stop (preemption
+        # included) never checkpoints a state that a non-finite step has spoilt.
         fetched = jax.device_get(pending)
         pending = []
-        for m in fetched:
+        for offset, m in enumerate(fetched):
           if not m['finite']:
             if config.train.nonfinite == 'stop':
               raise NonFiniteLossError(
-                  f'non-finite loss at or before step {step} (loss={float(m["loss"])}); '
+                  f'non-finite loss at step {step - len(fetched) + offset + 1} (loss={float(m["loss"])}); '
                   "set --config.train.nonfinite=skip to skip such steps")
             skipped += 1
-        row = {k: float(v) for k, v in fetched[-1].items() if k != 'finite'}
+        last_fetched = fetched[-1]
+      if log_now:
+        row = {k: float(v) for k, v in last_fetched.items() if k != 'finite'}
         row.update(optimizer_lib.schedule_values(schedules, step - 1))
         row['epoch'] = (step - 1) // dataset.steps_per_epoch + 1
         now = time.perf_counter()
@@ -160,8 +173,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, coordinator_addres
           row['skipped_steps'] = skipped
         last_logged = writer.write(step, row)
         printer(step, row)
-      stop = guard.should_stop(step) or (stop_after_steps is not None and steps_this_run >= stop_after_steps)
-      if step % config.train.checkpoint_every == 0 or step == total_steps or stop:
+      if save_now:
         checkpointer.save(step, state, dataset.state_at(step), config, force=True)
       if optimizer_lib.validation_due(step, dataset.steps_per_epoch, total_steps, config.train) and step < total_steps:
         _validate(validator, state, step, checkpointer, dataset, writer, printer, config)

@@ -1,0 +1,130 @@
+"""Restarts the way pods restart: on another process count, from a damaged newest checkpoint, from a
+checkpoint without input state (optisar_jax/runtime/checkpoint.py, optisar_jax/train/loop.py)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from test_multihost_train import REPO, _env, _free_port
+
+
+def _rows(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    rows = [json.loads(line) for line in f if line.strip()]
+  return {r['step']: r for r in rows if 'loss' in r}      # a resumed run's rows replace the earlier ones
+
+
+def _config(data_dir):
+  return tiny_config(data_dir, 'train.num_steps=6', 'train.checkpoint_every=2', 'train.log_every=1',
+                     'train.keep_checkpoints=5')
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(synthetic_tfds, tmp_path_factory):
+  """The tiny config trained 6 steps in one go (checkpoints at 2, 4, 6): the reference losses."""
+  from optisar_jax.train import loop
+  workdir = str(tmp_path_factory.mktemp('elastic') / 'straight')
+  loop.train(_config(synthetic_tfds[1]), workdir)
+  return workdir
+
+
+@pytest.mark.slow
+def test_damaged_newest_checkpoint_is_set_aside_and_the_run_resumes_exactly(synthetic_tfds, uninterrupted,
+                                                                           tmp_path, capsys):
+  from optisar_jax.train import loop
+  workdir = str(tmp_path / 'run')
+  config = _config(synthetic_tfds[1])
+  loop.train(config, workdir, stop_after_steps=4)                 # checkpoints 2 and 4, as if preempted
+  newest = os.path.join(workdir, 'checkpoints', '4')
+  files = [os.path.join(d, f) for d, _, names in os.walk(newest) for f in names]
+  largest = max(files, key=os.path.getsize)
+  with open(largest, 'r+b') as f:                                 # a failing disk / an interrupted copy
+    f.truncate(os.path.getsize(largest) // 2)
+  capsys.readouterr()
+  loop.train(config, workdir)
+  out = capsys.readouterr().out
+  lines = [line for line in out.splitlines() if 'is damaged' in line]
+  assert len(lines) == 1 and newest in lines[0] and 'checkpoints_damaged' in lines[0], out
+  assert os.path.isdir(os.path.join(workdir, 'checkpoints_damaged', '4'))     # kept, not deleted
+  assert 'resumed from' in out and 'at step 2' in out
+  straight, resumed = _rows(uninterrupted), _rows(workdir)
+  for step in (3, 4, 5, 6):                                        # steps 3-4 were trained twice
+    assert resumed[step]['loss'] == straight[step]['loss'], step  # bitwise: same weights, same batches
+
+
+@pytest.mark.slow
+def test_checkpoint_without_input_state_resumes_the_data_at_its_step(synthetic_tfds, uninterrupted, tmp_path):
+  from optisar_jax.runtime import checkpoint as checkpoint_lib
+  from optisar_jax.train import loop
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(uninterrupted, workdir)
+  config = _config(synthetic_tfds[1])
+  shutil.rmtree(os.path.join(workdir, 'checkpoints', '6'))
+  os.remove(os.path.join(workdir, 'metrics.jsonl'))
+  # Rewrite checkpoint 4 without its input state (as a converted checkpoint or older code has it).
+  import jax
+  from optisar_jax.runtime import sharding as sharding_lib
+  from optisar_jax.train import optimizer as optimizer_lib
+  from optisar_jax.train import step as step_lib
+  mesh = sharding_lib.make_mesh(config.mesh)
+  setup = step_lib.setup_training(config, mesh, (('.*', ()),), make_tx=lambda model: optimizer_lib.make_optimizer(
+      config.optim, steps_per_epoch=1, total_steps=6, params_tree=model))
+  abstract = sharding_lib.abstract_with_shardings(jax.eval_shape(lambda: setup.state), setup.shardings)
+  checkpointer = checkpoint_lib.TrainCheckpointer.from_config(workdir, config, async_save=False)
+  state, data_state = checkpointer.restore(4, abstract)
+  assert data_state['next_step'] == 4
+  shutil.rmtree(os.path.join(workdir, 'checkpoints', '4'))
+  checkpointer.close()
+  checkpointer = checkpoint_lib.TrainCheckpointer.from_config(workdir, config, async_save=False)
+  checkpointer.save(4, state, None, config, force=True)
+  checkpointer.close()
+  loop.train(config, workdir)
+  straight, resumed = _rows(uninterrupted), _rows(workdir)
+  assert sorted(resumed) == [5, 6]
+  for step in (5, 6):
+    assert resumed[step]['loss'] == straight[step]['loss'], step  # the batches of steps 5 and 6, not 1 and 2
+
+
+@pytest.mark.slow
+def test_two_process_checkpoint_resumes_on_one_process(synthetic_tfds, tmp_path):
+  """Written by 2 processes (2 CPU devices each), resumed by 1 process (4 devices) from step 2: its step 3
+  sees the same weights and the same global batch as the 2-process run's step 3, so the losses agree to
+  float32 reduction order (1e-5 relative)."""
+  common = ['scripts/train.py', '--config', 'configs/tiny.py', f'--config.data.data_dir={synthetic_tfds[1]}',
+            '--config.train.num_steps=4', '--config.train.checkpoint_every=2', '--config.train.log_every=1']
+  multi = str(tmp_path / 'multi')
+  port = _free_port()
+  logs = [open(tmp_path / f'process{i}.log', 'w') for i in range(2)]
+  procs = [subprocess.Popen([sys.executable, *common, '--workdir', multi, '--coordinator_address',
+                             f'127.0.0.1:{port}', '--num_processes', '2', '--process_id', str(i)],
+                            cwd=REPO, env=_env(2), stdout=logs[i], stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  try:
+    for p in procs:
+      p.wait(timeout=900)
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+    for log in logs:
+      log.close()
+  for i, p in enumerate(procs):
+    assert p.returncode == 0, (tmp_path / f'process{i}.log').read_text()[-3000:]
+  two = _rows(multi)
+  single = str(tmp_path / 'single')
+  shutil.copytree(multi, single)
+  shutil.rmtree(os.path.join(single, 'checkpoints', '4'))
+  os.remove(os.path.join(single, 'metrics.jsonl'))
+  one = subprocess.run([sys.executable, *common, '--workdir', single], cwd=REPO, env=_env(4),
+                       capture_output=True, text=True, timeout=900)
+  assert one.returncode == 0, one.stderr[-3000:]
+  assert 'resumed from' in one.stdout and 'at step 2' in one.stdout
+  resumed = _rows(single)
+  assert sorted(resumed) == [3, 4]
+  np.testing.assert_allclose(resumed[3]['loss'], two[3]['loss'], rtol=1e-5)
