@@ -65,6 +65,11 @@ class _QuietPILDecodeWarning(logging.Filter):
     return 'OpenCV is not installed' not in str(record.msg)
 
 
+# Installed on import: grain's worker processes decode records too, and they import this package.
+if not any(isinstance(f, _QuietPILDecodeWarning) for f in logging.getLogger('absl').filters):
+  logging.getLogger('absl').addFilter(_QuietPILDecodeWarning())
+
+
 def open_source(config: ml_collections.ConfigDict, split: str, *, skip_images: bool = False,
                 data_dir: str | None = None):
   """`tfds.data_source` of the config's dataset in `data_dir` (default `config.data.data_dir`); errors name
@@ -78,9 +83,6 @@ def open_source(config: ml_collections.ConfigDict, split: str, *, skip_images: b
         f'scripts/build_dataset.py --dataset {config.data.name} --manual_dir RELEASE_DIR --data_dir {data_dir}')
   import tensorflow_datasets as tfds
   import tfds_builders  # noqa: F401  (registers optsar_rsvg, dior_rsvg)
-  absl_logger = logging.getLogger('absl')
-  if not any(isinstance(f, _QuietPILDecodeWarning) for f in absl_logger.filters):
-    absl_logger.addFilter(_QuietPILDecodeWarning())
   decoders = {'image': tfds.decode.SkipDecoding()} if skip_images else None
   try:
     return tfds.data_source(config.data.name, split=split, data_dir=data_dir, decoders=decoders)
