@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from test_multihost_train import REPO, _env, _free_port
+from test_multihost_train import REPO, _env, run_processes
 
 
 def _rows(workdir):
@@ -99,23 +99,7 @@ def test_two_process_checkpoint_resumes_on_one_process(synthetic_tfds, tmp_path)
   common = ['scripts/train.py', '--config', 'configs/tiny.py', f'--config.data.data_dir={synthetic_tfds[1]}',
             '--config.train.num_steps=4', '--config.train.checkpoint_every=2', '--config.train.log_every=1']
   multi = str(tmp_path / 'multi')
-  port = _free_port()
-  logs = [open(tmp_path / f'process{i}.log', 'w') for i in range(2)]
-  procs = [subprocess.Popen([sys.executable, *common, '--workdir', multi, '--coordinator_address',
-                             f'127.0.0.1:{port}', '--num_processes', '2', '--process_id', str(i)],
-                            cwd=REPO, env=_env(2), stdout=logs[i], stderr=subprocess.STDOUT, text=True)
-           for i in range(2)]
-  try:
-    for p in procs:
-      p.wait(timeout=900)
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-    for log in logs:
-      log.close()
-  for i, p in enumerate(procs):
-    assert p.returncode == 0, (tmp_path / f'process{i}.log').read_text()[-3000:]
+  run_processes([[*common, '--workdir', multi]] * 2, tmp_path)
   two = _rows(multi)
   single = str(tmp_path / 'single')
   shutil.copytree(multi, single)
@@ -128,3 +112,22 @@ def test_two_process_checkpoint_resumes_on_one_process(synthetic_tfds, tmp_path)
   resumed = _rows(single)
   assert sorted(resumed) == [3, 4]
   np.testing.assert_allclose(resumed[3]['loss'], two[3]['loss'], rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_one_process_checkpoint_resumes_on_two_processes(synthetic_tfds, uninterrupted, tmp_path):
+  """Written by 1 process (8 devices), resumed by 2 processes (2 CPU devices each) from step 2: step 3
+  sees the same weights and global batch, so its loss equals the uninterrupted run's to 1e-5."""
+  resumed = str(tmp_path / 'resumed')
+  shutil.copytree(uninterrupted, resumed)
+  for step in ('4', '6'):
+    shutil.rmtree(os.path.join(resumed, 'checkpoints', step))
+  os.remove(os.path.join(resumed, 'metrics.jsonl'))
+  common = ['scripts/train.py', '--config', 'configs/tiny.py', f'--config.data.data_dir={synthetic_tfds[1]}',
+            '--config.train.num_steps=6', '--config.train.checkpoint_every=2', '--config.train.log_every=1',
+            '--config.train.keep_checkpoints=5', '--workdir', resumed]
+  logs = run_processes([common] * 2, tmp_path)
+  assert 'resumed from' in logs[0] and 'at step 2' in logs[0]
+  straight, again = _rows(uninterrupted), _rows(resumed)
+  assert sorted(again) == [3, 4, 5, 6]
+  np.testing.assert_allclose(again[3]['loss'], straight[3]['loss'], rtol=1e-5)

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from test_multihost_train import REPO, _env, _free_port
+from test_multihost_train import REPO, _env, run_processes
 
 
 @pytest.mark.slow
@@ -30,24 +30,8 @@ def test_two_process_evaluation_equals_one_process(trained_tiny, tmp_path):
                        cwd=REPO, env=_env(4), capture_output=True, text=True, timeout=600)
   assert one.returncode == 0, one.stderr[-3000:]
   two_out = str(tmp_path / 'two.json')
-  port = _free_port()
-  logs = [open(tmp_path / f'process{i}.log', 'w') for i in range(2)]
-  procs = [subprocess.Popen(common + ['--output', two_out, '--predictions_out', str(tmp_path / 'two_preds.json'),
-                                      '--coordinator_address', f'127.0.0.1:{port}', '--num_processes', '2',
-                                      '--process_id', str(i)],
-                            cwd=REPO, env=_env(2), stdout=logs[i], stderr=subprocess.STDOUT, text=True)
-           for i in range(2)]
-  try:
-    for p in procs:
-      p.wait(timeout=600)
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-    for log in logs:
-      log.close()
-  for i, p in enumerate(procs):
-    assert p.returncode == 0, (tmp_path / f'process{i}.log').read_text()[-3000:]
+  logs = run_processes([common[1:] + ['--output', two_out, '--predictions_out', str(tmp_path / 'two_preds.json')]] * 2,
+                       tmp_path)
   with open(one_out) as f:
     metrics_one = json.load(f)
   with open(two_out) as f:
@@ -62,7 +46,6 @@ def test_two_process_evaluation_equals_one_process(trained_tiny, tmp_path):
   # Each process decoded only the image slots of its own 2 devices' blocks (an image split over two blocks
   # counts twice); together that is the one-process run's count, and neither did it alone.
   import re
-  logs = [(tmp_path / f'process{i}.log').read_text() for i in range(2)]
   decoded = [int(re.search(r'process %d: decoded (\d+) image slots' % i, log).group(1)) for i, log in enumerate(logs)]
   total = sum(decoded)
   assert all(0 < d < total for d in decoded), decoded

@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,6 +24,33 @@ def _env(devices: int) -> dict:
   env = dict(os.environ, JAX_PLATFORMS='cpu',
              XLA_FLAGS=' '.join(flags + [f'--xla_force_host_platform_device_count={devices}']))
   return env
+
+
+def run_processes(commands, tmp_path, *, devices: int = 2, timeout: int = 900) -> list[str]:
+  """Runs one command per process (each a list of arguments after the interpreter), joined by
+  jax.distributed over gloo on a fresh local port, `devices` CPU devices each; returns each process's
+  output and asserts that every process exited 0. Output goes to files, not pipes: an undrained pipe
+  would stall a process that writes a lot."""
+  port = _free_port()
+  n = len(commands)
+  logs = [open(tmp_path / f'process{i}.log', 'w') for i in range(n)]
+  procs = [subprocess.Popen([sys.executable, *command, '--coordinator_address', f'127.0.0.1:{port}',
+                             '--num_processes', str(n), '--process_id', str(i)],
+                            cwd=REPO, env=_env(devices), stdout=logs[i], stderr=subprocess.STDOUT, text=True)
+           for i, command in enumerate(commands)]
+  try:
+    for proc in procs:
+      proc.wait(timeout=timeout)
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+    for log in logs:
+      log.close()
+  texts = [(tmp_path / f'process{i}.log').read_text() for i in range(n)]
+  for i, proc in enumerate(procs):
+    assert proc.returncode == 0, texts[i][-3000:]
+  return texts
 
 
 def _losses(workdir):
@@ -45,24 +71,7 @@ def test_two_processes_match_one_process(trained_tiny, synthetic_tfds, tmp_path)
   common = ['scripts/train.py', '--config', 'configs/tiny.py', f'--config.data.data_dir={data_dir}',
             '--config.train.num_steps=4', '--config.train.checkpoint_every=4']
   multi = str(tmp_path / 'multi')
-  port = _free_port()
-  # Output goes to files, not pipes: an undrained pipe would stall a process that writes a lot.
-  logs = [open(tmp_path / f'process{i}.log', 'w') for i in range(2)]
-  procs = [subprocess.Popen([sys.executable, *common, '--workdir', multi,
-                             '--coordinator_address', f'127.0.0.1:{port}', '--num_processes', '2',
-                             '--process_id', str(i)], cwd=REPO, env=_env(2),
-                            stdout=logs[i], stderr=subprocess.STDOUT, text=True) for i in range(2)]
-  try:
-    for p in procs:
-      p.wait(timeout=900)
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-    for log in logs:
-      log.close()
-  for i, p in enumerate(procs):
-    assert p.returncode == 0, (tmp_path / f'process{i}.log').read_text()[-3000:]
+  run_processes([[*common, '--workdir', multi]] * 2, tmp_path)
   one, two = _losses(straight), _losses(multi)
   assert [r[0] for r in one] == [r[0] for r in two] == [1, 2, 3, 4]
   # Steps 1-2 see the same weights and the same global batch: equal up to float32 reduction order.
