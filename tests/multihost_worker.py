@@ -42,10 +42,16 @@ def main(port: int, process_id: int, num_processes: int, workdir: str) -> None:
                    in_shardings=(batch_sharding,), out_shardings=replicated)
   result = jax.device_get(reduce(batch))
 
-  # A checkpoint written by all processes together; each restores its own data iterator state.
+  # A checkpoint written by all processes together, with the one global input state; a process whose
+  # state differs is refused (one line naming both states).
   ckpt = checkpoint.TrainCheckpointer(os.path.join(workdir, 'checkpoints'), max_to_keep=2)
   weights = jax.device_put(np.arange(32, dtype=np.float32).reshape(8, 4), NamedSharding(mesh, P('data')))
-  ckpt.save(1, {'w': weights}, {'process': process_id, 'position': 100 + process_id}, {'name': 'mh'})
+  try:
+    ckpt.save(2, {'w': weights}, {'next_step': 7 + process_id}, {'name': 'mh'})
+    differing_refused = False
+  except ValueError as err:
+    differing_refused = 'differ between processes' in str(err)
+  ckpt.save(1, {'w': weights}, {'next_step': 7}, {'name': 'mh'})
   ckpt.wait()
   abstract = {'w': jax.ShapeDtypeStruct((8, 4), jnp.float32, sharding=NamedSharding(mesh, P(None, 'data')))}
   restored, data_state = ckpt.restore(None, abstract)
@@ -67,6 +73,7 @@ def main(port: int, process_id: int, num_processes: int, workdir: str) -> None:
       'col_mean': [float(v) for v in result['col_mean']],
       'data_state': data_state,
       'restored_ok': restored_ok,
+      'differing_refused': differing_refused,
       'should_stop': stop,
   }), flush=True)
   distributed.shutdown()

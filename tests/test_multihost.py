@@ -63,7 +63,7 @@ def test_two_processes_build_one_global_batch(tmp_path):
     assert result['batch_shape'] == [8, 3]
     np.testing.assert_allclose(result['sum_sq'], np.sum(rows ** 2), rtol=1e-6)
     np.testing.assert_allclose(result['col_mean'], rows.mean(0), rtol=1e-6, atol=1e-7)
-    assert result['data_state'] == {'process': i, 'position': 100 + i}
+    assert result['data_state'] == {'next_step': 7} and result['differing_refused']
     assert result['restored_ok'] and result['should_stop'] is False
 
 
