@@ -165,6 +165,20 @@ def test_best_checkpoint_keeps_only_the_best(tmp_path):
   ckpt.close()
 
 
+def test_no_best_directory_until_something_is_validated(tmp_path):
+  ckpt, config = _checkpointer(tmp_path)
+  state, _ = _place(_state(), _mesh((4, 2)))
+  assert ckpt.save(5, state, {'next_step': 5}, config)
+  ckpt.wait()
+  assert not os.path.exists(tmp_path / 'checkpoints_best') and ckpt.best_step() is None
+  with pytest.raises(FileNotFoundError, match='checkpoints_best: no best checkpoint'):
+    ckpt.restore_subtree({'step': jax.ShapeDtypeStruct((), jnp.int32)}, best=True)
+  assert ckpt.save_best(5, state, 10.0, {'next_step': 5}, config)
+  ckpt.close()
+  assert sorted(os.listdir(tmp_path / 'checkpoints_best')) == ['5']
+  assert _checkpointer(tmp_path)[0].best_step() == 5
+
+
 def test_preemption_guard_turns_sigterm_into_a_flag():
   previous = signal.getsignal(signal.SIGTERM)
   with checkpoint.PreemptionGuard() as guard:

@@ -103,13 +103,13 @@ class TrainCheckpointer:
     self._manager = ocp.CheckpointManager(self.directory, options=self._options)
     self._best_manager = None
     self._best_value: float | None = None
-    if self.best_directory:
-      self._best_manager = ocp.CheckpointManager(
-          self.best_directory,
-          options=ocp.CheckpointManagerOptions(
-              max_to_keep=1, create=True, cleanup_tmp_directories=True,
-              best_fn=lambda metrics: metrics[best_metric], best_mode='max',
-              keep_checkpoints_without_metrics=False, enable_async_checkpointing=async_save))
+    self._best_options = ocp.CheckpointManagerOptions(
+        max_to_keep=1, create=True, cleanup_tmp_directories=True,
+        best_fn=lambda metrics: metrics[best_metric], best_mode='max',
+        keep_checkpoints_without_metrics=False, enable_async_checkpointing=async_save)
+    # The best directory is made by the first save_best: a run that never validates leaves none behind.
+    if self.best_directory and os.path.isdir(self.best_directory):
+      self._best_manager = ocp.CheckpointManager(self.best_directory, options=self._best_options)
 
   @classmethod
   def from_config(cls, workdir: str, config, **kwargs) -> 'TrainCheckpointer':
@@ -152,8 +152,10 @@ class TrainCheckpointer:
 
   def save_best(self, step: int, state, metric_value: float, data_state=None, config=None) -> bool:
     """Saves `step` to the best directory if `metric_value` beats the kept best; returns whether it did."""
-    if self._best_manager is None:
+    if not self.best_directory:
       raise ValueError('this TrainCheckpointer has no best_directory')
+    if self._best_manager is None:
+      self._best_manager = ocp.CheckpointManager(self.best_directory, options=self._best_options)
     best = self.best_value()
     if best is not None and not float(metric_value) > best:
       return False
@@ -256,7 +258,7 @@ class TrainCheckpointer:
     `step` None = the newest checkpoint (or the best one with `best=True`)."""
     manager = self._best_manager if best else self._manager
     if manager is None:
-      raise ValueError('this TrainCheckpointer has no best_directory')
+      raise FileNotFoundError(f'{self.best_directory}: no best checkpoint (nothing was validated)')
     if step is None:
       step = manager.best_step() if best else manager.latest_step()
     if step is None:
