@@ -7,4 +7,5 @@ Modules (import them directly; this package imports nothing so that importing on
 * `checkpoint`: Orbax `CheckpointManager`s for the train state, the input iterator state and the config;
   preemption (SIGTERM) handling.
 * `compile_options`: XLA compiler options of the train step and the eval predict.
+* `paths`: file I/O on local or remote (`gs://`) paths through etils.epath; atomic JSON/text writes.
 """
