@@ -12,7 +12,6 @@ compiler's static estimates, not measurements.
 
 import argparse
 import ast
-import json
 import os
 import sys
 
@@ -56,10 +55,8 @@ def main() -> int:
       progress=lambda message: print(message, file=sys.stderr, flush=True))
   print(compile_report.format_report(reports), flush=True)
   if args.json:
-    tmp = f'{args.json}.tmp-{os.getpid()}'
-    with open(tmp, 'w') as f:
-      json.dump(reports, f, indent=2, sort_keys=True)
-    os.replace(tmp, args.json)
+    from optisar_jax.runtime import paths
+    paths.write_json_atomic(args.json, reports, sort_keys=True)
   return 0
 
 

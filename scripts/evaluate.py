@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from optisar_jax import metrics as metrics_lib  # noqa: E402
 from optisar_jax import predictions as predictions_lib  # noqa: E402
+from optisar_jax.runtime import paths  # noqa: E402
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -55,7 +56,7 @@ def evaluate_predictions_file(predictions_path: str, annotations_path: str, outp
   metrics = predictions_lib.score_predictions(predictions_path, annotations_path)
   print(metrics_lib.format_metrics_table(metrics, per_category=per_category))
   if output:
-    predictions_lib.write_json_atomic(output, metrics)
+    paths.write_json_atomic(output, metrics, allow_nan=False)
     print(f'wrote {output}')
   return metrics
 
@@ -69,7 +70,7 @@ def evaluate_workdir(workdir: str, *, split: str | None = None, output: str | No
   grounder = evaluation.load_grounder(workdir, use_ema=use_ema, best=best, overrides=overrides)
   split = split or grounder.config.eval.split
   metrics, results, _ = evaluation.evaluate_split(grounder, grounder.config, split)
-  output = output or os.path.join(workdir, 'eval', f'{split}_metrics.json')
+  output = output or str(paths.path(workdir) / 'eval' / f'{split}_metrics.json')
   evaluation.write_outputs(metrics, results, output=output, predictions_out=predictions_out)
   print(metrics_lib.format_metrics_table(metrics, per_category=per_category))
   print(f'wrote {output}' + (f' and {predictions_out}' if predictions_out else ''))

@@ -17,7 +17,8 @@ is read onto any other (or onto one CPU).
 
 Atomicity is Orbax's: a step is written to `<step>.orbax-checkpoint-tmp-<n>` and renamed when complete,
 so a run killed mid-save leaves a tmp directory that is never taken for the latest step (and is removed
-when the next manager opens the directory).
+when the next manager opens the directory). On gs:// (no atomic rename) Orbax writes the step in place
+and marks it complete with `<step>/commit_success.txt`. Directories are `epath.Path`s (runtime/paths.py).
 
 `PreemptionGuard` turns SIGTERM (the scheduler's preemption notice) into a flag the loop checks every
 step; with several processes all of them agree on the step at which to save (JAX's preemption sync
@@ -28,7 +29,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import threading
 from typing import Any, Sequence
@@ -37,6 +37,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
+
+from optisar_jax.runtime import paths
 
 logger = logging.getLogger(__name__)
 
@@ -88,8 +90,8 @@ class TrainCheckpointer:
 
   def __init__(self, directory: str, *, max_to_keep: int | None = 3, best_directory: str | None = None,
                best_metric: str = BEST_METRIC, async_save: bool = True):
-    self.directory = os.path.abspath(directory)
-    self.best_directory = os.path.abspath(best_directory) if best_directory else None
+    self.directory = paths.path(directory)      # an epath.Path: Orbax writes gs:// through it as well
+    self.best_directory = paths.path(best_directory) if best_directory else None
     self.best_metric = best_metric
     self._manager = ocp.CheckpointManager(
         self.directory,
@@ -109,8 +111,8 @@ class TrainCheckpointer:
   @classmethod
   def from_config(cls, workdir: str, config, **kwargs) -> 'TrainCheckpointer':
     """WORKDIR/checkpoints (keeping `config.train.keep_checkpoints`) and WORKDIR/checkpoints_best."""
-    return cls(os.path.join(workdir, CHECKPOINT_SUBDIR), max_to_keep=config.train.keep_checkpoints,
-               best_directory=os.path.join(workdir, BEST_SUBDIR), **kwargs)
+    return cls(paths.path(workdir) / CHECKPOINT_SUBDIR, max_to_keep=config.train.keep_checkpoints,
+               best_directory=paths.path(workdir) / BEST_SUBDIR, **kwargs)
 
   # ------------------------------------------------------------------------------------------- save
   def _args(self, state, data_state, config) -> ocp.args.Composite:

@@ -17,9 +17,7 @@ Semantics worth knowing:
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
 from typing import Any
 
@@ -32,6 +30,7 @@ from optisar_jax.data import pipeline
 from optisar_jax.data import sources
 from optisar_jax.runtime import checkpoint as checkpoint_lib
 from optisar_jax.runtime import distributed
+from optisar_jax.runtime import paths
 from optisar_jax.train import optimizer as optimizer_lib
 from optisar_jax.train import run_logging
 from optisar_jax.runtime import sharding as sharding_lib
@@ -45,13 +44,6 @@ class NonFiniteLossError(RuntimeError):
   """The loss became NaN/inf (with `train.nonfinite = 'stop'`)."""
 
 
-def _write_json_atomic(path: str, obj: Any) -> None:
-  tmp = f'{path}.tmp-{os.getpid()}'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=2, sort_keys=True, default=list)
-  os.replace(tmp, path)
-
-
 def train(config: ml_collections.ConfigDict, workdir: str, *, coordinator_address: str | None = None,
           num_processes: int | None = None, process_id: int | None = None,
           stop_after_steps: int | None = None) -> dict[str, Any]:
@@ -62,9 +54,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, coordinator_addres
   """
   distributed.initialize(coordinator_address, num_processes, process_id)
   main = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
+  paths.makedirs(workdir)
   if main:
-    _write_json_atomic(os.path.join(workdir, 'config.json'), config.to_dict())
+    paths.write_json_atomic(paths.path(workdir) / 'config.json', config.to_dict(), sort_keys=True, default=list)
 
   # ------------------------------------------------------------------------------------------ mesh
   mesh = sharding_lib.make_mesh(config.mesh)
