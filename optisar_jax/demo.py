@@ -10,6 +10,7 @@ WORKDIR/eval/         test_metrics.json, test_predictions.json, examples.png
 
 from __future__ import annotations
 
+import io
 import os
 import time
 
@@ -19,6 +20,7 @@ import numpy as np
 from optisar_jax import evaluation
 from optisar_jax import metrics as metrics_lib
 from optisar_jax import visualize
+from optisar_jax.runtime import paths
 
 
 def run_demo(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -77,7 +79,6 @@ def write_examples(path: str, results, examples, count: int) -> None:
     tiles.append(visualize.draw_grounding(picture, r.caption, pred_box=pred, gt_box=r.gt_box * scale,
                                           score=r.score, caption_width=30))
   del augment
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = path + '.tmp.png'
-  visualize.make_grid(tiles, columns=4, tile_size=192).save(tmp, format='PNG')
-  os.replace(tmp, path)
+  buffer = io.BytesIO()
+  visualize.make_grid(tiles, columns=4, tile_size=192).save(buffer, format='PNG')
+  paths.write_bytes_atomic(path, buffer.getvalue())
