@@ -446,9 +446,8 @@ def compile_programs(config: ml_collections.ConfigDict, *, topology: str, per_ch
                           'bn_group_size': int(config.model.get('bn_group_size', 0)),
                           'weight_grad_dtype': _weight_grad_dtype(config), **result}
       if hlo_out:
-        os.makedirs(hlo_out, exist_ok=True)
-        with open(os.path.join(hlo_out, f'{program}.hlo.txt'), 'w') as f:
-          f.write(text)
+        from optisar_jax.runtime import paths
+        paths.write_text_atomic(paths.path(hlo_out) / f'{program}.hlo.txt', text)
   return reports
 
 

@@ -10,6 +10,7 @@ WORKDIR/eval/         test_metrics.json, test_predictions.json, examples.png
 
 from __future__ import annotations
 
+import io
 import os
 import time
 
@@ -18,6 +19,7 @@ import ml_collections
 from optisar_jax import evaluation
 from optisar_jax import metrics as metrics_lib
 from optisar_jax import visualize
+from optisar_jax.runtime import paths
 
 
 def run_demo(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -54,8 +56,7 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def write_examples(path: str, results, examples, count: int, canvas_of=None) -> None:
-  """The demo's examples.png: `visualize.examples_grid` written atomically."""
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = path + '.tmp.png'
-  visualize.examples_grid(results, examples, count, canvas_of=canvas_of).save(tmp, format='PNG')
-  os.replace(tmp, path)
+  """The demo's examples.png: `visualize.examples_grid`, written atomically (local or gs:// path)."""
+  buffer = io.BytesIO()
+  visualize.examples_grid(results, examples, count, canvas_of=canvas_of).save(buffer, format='PNG')
+  paths.write_bytes_atomic(path, buffer.getvalue())

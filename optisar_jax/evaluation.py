@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
-import json
 import math
-import os
 import sys
 import time
 from typing import Any, Sequence
@@ -48,6 +46,7 @@ from optisar_jax.data import augment
 from optisar_jax.data import pipeline
 from optisar_jax.models import box_ops
 from optisar_jax.runtime import distributed
+from optisar_jax.runtime import paths
 from optisar_jax.runtime import sharding as sharding_lib
 from optisar_jax.text import run_texts as texts_lib
 
@@ -471,14 +470,12 @@ def score_results(results: Sequence[QueryResult], examples: Sequence[dict]) -> d
 
 def write_outputs(metrics: dict, results: Sequence[QueryResult], *, output: str | None,
                   predictions_out: str | None) -> None:
-  """Writes the metrics JSON and the predictions file (process 0, atomically)."""
+  """Writes the metrics JSON and the predictions file (process 0, atomically; local or remote paths)."""
   if jax.process_index() != 0:
     return
   if output:
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    predictions_lib.write_json_atomic(output, metrics)
+    paths.write_json_atomic(output, metrics, allow_nan=False)
   if predictions_out:
-    os.makedirs(os.path.dirname(os.path.abspath(predictions_out)), exist_ok=True)
     boxes = np.array([r.box if r.box is not None else [np.nan] * 4 for r in results], np.float64)
     predictions_lib.write_predictions(predictions_out, [r.query_id for r in results], boxes.reshape(-1, 4),
                                       [r.score for r in results])
@@ -568,15 +565,11 @@ def evaluate_state(config: ml_collections.ConfigDict, workdir: str, state: dict,
 
 # -------------------------------------------------------------------------------- trained workdirs
 def load_config_from_workdir(workdir: str) -> ml_collections.ConfigDict:
-  """The config a run was trained with (WORKDIR/config.json)."""
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.isfile(path):
+  """The config a run was trained with (WORKDIR/config.json; WORKDIR local or remote)."""
+  path = paths.path(workdir) / 'config.json'
+  if not path.is_file():
     raise FileNotFoundError(f'{path}: not found (is {workdir} a training workdir?)')
-  try:
-    with open(path) as f:
-      data = json.load(f)
-  except json.JSONDecodeError as err:
-    raise ValueError(f'{path}: malformed JSON ({err.msg} at line {err.lineno})') from None
+  data = paths.read_json(path, 'run config')
   return _tuples(ml_collections.ConfigDict(data))
 
 

@@ -5,7 +5,9 @@
     boxes, scores = model.predict(images_uint8, query_embeddings)
     answers = model.ground(image_rgb, ['the ship in the upper left'])   # trainable-text runs
 
-Layout of OUTPUT_DIR (written under a temporary name and renamed at the end):
+Layout of OUTPUT_DIR (written under a temporary name and renamed at the end; a remote OUTPUT_DIR such as
+gs://bucket/export is built in a local temporary directory and uploaded with export.json last, so a
+directory with export.json is complete):
 
     export.json           metadata: imgsz, pad value, text mode and dim, encoder identity, step, shapes
     inference_state/      Orbax checkpoint {'params', 'rest'} as plain nested dicts (EMA weights and
@@ -26,12 +28,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from optisar_jax.runtime import paths
 
 EXPORT_FILE = 'export.json'
 STATE_DIR = 'inference_state'
@@ -104,11 +107,9 @@ def write_export(workdir: str, output_dir: str, *, use_ema: bool = True,
     exported_embed = jax_export.export(jax.jit(embed), platforms=platforms)(
         weight_specs, jax.ShapeDtypeStruct((t, int(config.text.tower.context_length)), jnp.int32))
 
-  parent = os.path.dirname(os.path.abspath(output_dir))
-  os.makedirs(parent, exist_ok=True)
-  if os.path.exists(output_dir):
+  if paths.exists(output_dir):
     raise FileExistsError(f'{output_dir}: already exists; remove it or choose another --output')
-  tmp = tempfile.mkdtemp(prefix='.export-', dir=parent)
+  tmp = paths.staging_dir(output_dir, prefix='.export-')
   try:
     host_weights = jax.tree.map(np.asarray, jax.device_get(weights))
     with ocp.StandardCheckpointer() as checkpointer:
@@ -119,7 +120,7 @@ def write_export(workdir: str, output_dir: str, *, use_ema: bool = True,
     if exported_embed is not None:
       with open(os.path.join(tmp, EMBED_FILE), 'wb') as f:
         f.write(exported_embed.serialize())
-    shutil.copytree(texts_lib.text_dir(workdir), os.path.join(tmp, 'text'))
+    paths.copy_tree(texts_lib.text_dir(workdir), os.path.join(tmp, 'text'))
     with open(os.path.join(tmp, 'config.json'), 'w') as f:
       json.dump(config.to_dict(), f, indent=2, sort_keys=True, default=list)
     cache_identity = None
@@ -135,7 +136,7 @@ def write_export(workdir: str, output_dir: str, *, use_ema: bool = True,
             'platforms': list(platforms), 'weight_paths': leaf_paths}
     with open(os.path.join(tmp, EXPORT_FILE), 'w') as f:
       json.dump(meta, f, indent=2, sort_keys=True)
-    os.replace(tmp, output_dir)
+    paths.publish_dir(tmp, output_dir, last=[EXPORT_FILE])
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
@@ -148,30 +149,28 @@ class ExportedGrounder:
   def __init__(self, directory: str):
     import orbax.checkpoint as ocp
     from jax import export as jax_export
-    meta_path = os.path.join(directory, EXPORT_FILE)
-    if not os.path.isfile(meta_path):
+    root = paths.path(directory)
+    meta_path = root / EXPORT_FILE
+    if not meta_path.is_file():
       raise FileNotFoundError(f'{meta_path}: not found (is {directory} an optisar-jax export?)')
-    with open(meta_path) as f:
-      self.meta = json.load(f)
+    self.meta = paths.read_json(meta_path, 'export metadata')
     if self.meta.get('format') != FORMAT:
       raise ValueError(f'{meta_path}: unknown export format {self.meta.get("format")!r}')
     with ocp.StandardCheckpointer() as checkpointer:
-      weights = checkpointer.restore(os.path.join(os.path.abspath(directory), STATE_DIR))
+      weights = checkpointer.restore(root / STATE_DIR)
     # Orbax may hand back dict keys in another order (and integer keys as strings): follow the recorded
     # flatten order of the exported functions.
     self.weights = [jnp.asarray(_lookup(weights, path, meta_path)) for path in self.meta['weight_paths']]
-    with open(os.path.join(directory, PREDICT_FILE), 'rb') as f:
-      self._predict = jax_export.deserialize(bytearray(f.read()))
+    self._predict = jax_export.deserialize(bytearray((root / PREDICT_FILE).read_bytes()))
     self._embed = None
-    embed_path = os.path.join(directory, EMBED_FILE)
-    if os.path.isfile(embed_path):
-      with open(embed_path, 'rb') as f:
-        self._embed = jax_export.deserialize(bytearray(f.read()))
+    embed_path = root / EMBED_FILE
+    if embed_path.is_file():
+      self._embed = jax_export.deserialize(bytearray(embed_path.read_bytes()))
     self.tokenizer = None
-    tokenizer_path = os.path.join(directory, 'text', 'tokenizer.json')
-    if os.path.isfile(tokenizer_path):
+    tokenizer_path = root / 'text' / 'tokenizer.json'
+    if tokenizer_path.is_file():
       import tokenizers
-      self.tokenizer = tokenizers.Tokenizer.from_file(tokenizer_path)
+      self.tokenizer = tokenizers.Tokenizer.from_str(tokenizer_path.read_text(encoding='utf-8'))
 
   @property
   def imgsz(self) -> int:

@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-import os
+import io
 from typing import Sequence
 
 import numpy as np
@@ -14,6 +14,7 @@ import numpy as np
 from optisar_jax import evaluation
 from optisar_jax import visualize
 from optisar_jax.data.release import load_image_rgb
+from optisar_jax.runtime import paths
 
 
 def xyxy_to_coco(box) -> list[float] | None:
@@ -49,8 +50,7 @@ def ground_image_file(workdir: str, image_path: str, queries: Sequence[str], *, 
       tiles.append(visualize.draw_grounding(image, answer['query'], pred_box=xyxy, score=answer['score'],
                                             width=tile_width))
     picture = visualize.make_grid(tiles, columns=min(4, len(tiles)), with_gt=False)
-    os.makedirs(os.path.dirname(os.path.abspath(output_png)) or '.', exist_ok=True)
-    tmp = output_png + '.tmp.png'
-    picture.save(tmp, format='PNG')
-    os.replace(tmp, output_png)
+    buffer = io.BytesIO()
+    picture.save(buffer, format='PNG')
+    paths.write_bytes_atomic(output_png, buffer.getvalue())
   return answers

@@ -17,13 +17,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import tempfile
 from typing import Any, Sequence
 
 import numpy as np
 
 from optisar_jax import metrics as metrics_lib
+from optisar_jax.runtime import paths
 
 
 class DataError(ValueError):
@@ -52,8 +51,7 @@ class Annotations:
 
 def _read_json(path: str) -> Any:
   try:
-    with open(path, 'r', encoding='utf-8') as f:
-      text = f.read()
+    text = paths.path(path).read_text(encoding='utf-8')
   except FileNotFoundError:
     raise DataError(f'{path}: file not found') from None
   except (OSError, UnicodeDecodeError) as e:
@@ -189,24 +187,8 @@ def score_predictions(predictions_path: str, annotations_path: str) -> dict:
                                        annotations.image_wh, annotations.category_names)
 
 
-def write_json_atomic(path: str, obj: Any, *, indent: int | None = 2) -> None:
-  """Writes JSON to a temporary file next to `path` and renames it into place."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=directory)
-  try:
-    with os.fdopen(fd, 'w', encoding='utf-8') as f:
-      json.dump(obj, f, indent=indent, allow_nan=False)
-      f.write('\n')
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
 def write_predictions(path: str, ids: Sequence, boxes_xyxy: np.ndarray, scores: Sequence | None = None) -> None:
-  """Writes a predictions file (atomically).
+  """Writes a predictions file (atomically; `path` local or remote).
 
   Args:
     ids: N annotation ids.
@@ -227,4 +209,4 @@ def write_predictions(path: str, ids: Sequence, boxes_xyxy: np.ndarray, scores: 
     if scores is not None:
       entry['score'] = float(scores[row])
     entries.append(entry)
-  write_json_atomic(path, entries, indent=None)
+  paths.write_json_atomic(path, entries, indent=None, allow_nan=False)

@@ -12,7 +12,6 @@ compiler's static estimates, not measurements.
 
 import argparse
 import ast
-import json
 import os
 import sys
 
@@ -23,7 +22,7 @@ if '--xla_gpu_enable_triton_gemm' not in os.environ.get('XLA_FLAGS', ''):
   os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_gpu_enable_triton_gemm=false').strip()
 os.environ.setdefault('OPTISAR_JAX_CACHE_DIR', '')         # compile times are part of the report
 
-from optisar_jax import cli  # noqa: E402
+from optisar_jax import cli
 
 
 def main() -> int:
@@ -56,10 +55,8 @@ def main() -> int:
       progress=lambda message: print(message, file=sys.stderr, flush=True))
   print(compile_report.format_report(reports), flush=True)
   if args.json:
-    tmp = f'{args.json}.tmp-{os.getpid()}'
-    with open(tmp, 'w') as f:
-      json.dump(reports, f, indent=2, sort_keys=True)
-    os.replace(tmp, args.json)
+    from optisar_jax.runtime import paths
+    paths.write_json_atomic(args.json, reports, sort_keys=True)
   return 0
 
 

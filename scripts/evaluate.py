@@ -14,13 +14,11 @@ Errors end with one line on stderr: exit code 2 for bad arguments, 1 for bad or 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from optisar_jax import metrics as metrics_lib  # noqa: E402
-from optisar_jax import predictions as predictions_lib  # noqa: E402
+from optisar_jax import metrics as metrics_lib
+from optisar_jax import predictions as predictions_lib
+from optisar_jax.runtime import paths
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -55,7 +53,7 @@ def evaluate_predictions_file(predictions_path: str, annotations_path: str, outp
   metrics = predictions_lib.score_predictions(predictions_path, annotations_path)
   print(metrics_lib.format_metrics_table(metrics, per_category=per_category))
   if output:
-    predictions_lib.write_json_atomic(output, metrics)
+    paths.write_json_atomic(output, metrics, allow_nan=False)
     print(f'wrote {output}')
   return metrics
 
@@ -68,16 +66,21 @@ def evaluate_workdir(workdir: str, *, split: str | None = None, output: str | No
   overrides = [f'data.data_dir={data_dir}'] if data_dir else []
   grounder = evaluation.load_grounder(workdir, use_ema=use_ema, best=best, overrides=overrides)
   split = split or grounder.config.eval.split
-  metrics, results, _ = evaluation.evaluate_split(grounder, grounder.config, split)
+  data = evaluation.EvalSplit(grounder.config, split)
+  metrics, results, _ = evaluation.evaluate_split(grounder, grounder.config, data)
   import jax
   if jax.process_count() > 1:
     print(f'process {jax.process_index()}: decoded {grounder.decoded_images} image slots '
           f'({len(results)} queries in the split)', flush=True)
-  output = output or os.path.join(workdir, 'eval', f'{split}_metrics.json')
+  output = output or str(paths.path(workdir) / 'eval' / f'{split}_metrics.json')
   evaluation.write_outputs(metrics, results, output=output, predictions_out=predictions_out)
+  per_domain = int(grounder.config.eval.get('routing_images', 32))
+  if per_domain > 0:                      # PL-MoE routing per modality: routing.png and routing.json
+    from optisar_jax import routing
+    routing.write_routing(grounder, data, paths.path(output).parent, per_domain=per_domain)
   if jax.process_index() == 0:
-    gates_path = os.path.join(os.path.dirname(os.path.abspath(output)), 'gates.json')
-    predictions_lib.write_json_atomic(gates_path, evaluation.gate_values(grounder.params))         # every process holds the same metrics; process 0 reports and writes
+    # every process holds the same metrics and gates; process 0 reports and writes
+    paths.write_json_atomic(paths.path(output).parent / 'gates.json', evaluation.gate_values(grounder.params))
     print(metrics_lib.format_metrics_table(metrics, per_category=per_category))
     print(f'wrote {output}' + (f' and {predictions_out}' if predictions_out else ''))
   return metrics

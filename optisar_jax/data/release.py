@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image
 
 from optisar_jax.data import categories as cats
+from optisar_jax.runtime import paths
 
 SPLITS = ('train', 'val', 'test')
 DATASETS = ('optsar_rsvg', 'dior_rsvg')
@@ -116,11 +117,12 @@ def _to_rgb(im: Image.Image, path: str) -> Image.Image:
 
 
 def load_image_rgb(path: str) -> np.ndarray:
-  """uint8 (H, W, 3) pixels of an image file (PNG/JPG/TIF/...); grayscale replicated to 3 channels."""
-  if not os.path.isfile(path):
+  """uint8 (H, W, 3) pixels of an image file (PNG/JPG/TIF/..., a local path or a gs:// URL); grayscale
+  replicated to 3 channels."""
+  if not paths.isfile(path):
     raise DatasetError(f'{path}: image file not found')
   try:
-    with Image.open(path) as im:
+    with Image.open(io.BytesIO(paths.path(path).read_bytes())) as im:
       im.load()
       return np.asarray(_to_rgb(im, path), dtype=np.uint8)
   except DatasetError:

@@ -13,11 +13,13 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 
 import ml_collections
 
 from optisar_jax.data.release import DATASETS, TFDS_VERSION, DatasetError
+from optisar_jax.runtime import paths
+
+INFO_FILE = 'dataset_info.json'
 
 
 def build_tfds(dataset: str, manual_dir: str, data_dir: str, *, overwrite: bool = False) -> str:
@@ -26,35 +28,35 @@ def build_tfds(dataset: str, manual_dir: str, data_dir: str, *, overwrite: bool 
   The build runs in a temporary folder inside `data_dir` and is renamed to `data_dir/<dataset>/1.0.0` only
   when complete, so a failed build leaves nothing that looks built. An existing complete build is kept
   (and returned) unless `overwrite`. Returns the dataset version folder. Bad input raises DatasetError.
+
+  A remote `data_dir` (`gs://bucket/tfds`) is built in a local temporary folder and then uploaded, with
+  dataset_info.json (what makes TFDS take a version folder for built) last: the ArrayRecord writer of the
+  array_record wheel writes local files only (riegeli FdWriter; its reader also reads gs://), and an object
+  store has no atomic rename of a folder. Readers (`open_source`) use the remote folder directly.
   """
   if dataset not in DATASETS:
     raise DatasetError(f'--dataset {dataset!r}: unknown dataset (expected one of {", ".join(DATASETS)})')
-  manual_dir, data_dir = os.path.abspath(os.fspath(manual_dir)), os.path.abspath(os.fspath(data_dir))
+  manual_dir = os.path.abspath(os.fspath(manual_dir))
   if not os.path.isdir(manual_dir):
     raise DatasetError(f'{manual_dir}: manual_dir not found')
-  final = os.path.join(data_dir, dataset, TFDS_VERSION)
-  if os.path.isfile(os.path.join(final, 'dataset_info.json')) and not overwrite:
-    return final
+  final = paths.path(data_dir) / dataset / TFDS_VERSION
+  if (final / INFO_FILE).is_file() and not overwrite:
+    return str(final)
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   import tfds_builders  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import  (registers builders)
-  os.makedirs(data_dir, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f'.{dataset}.building-', dir=data_dir)
+  tmp = paths.staging_dir(paths.path(data_dir) / dataset, prefix=f'.{dataset}.building-')
   try:
     builder = tfds.builder(dataset, data_dir=tmp)
     builder.download_and_prepare(
         file_format='array_record',
         download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
     built = os.path.join(tmp, dataset, TFDS_VERSION)
-    if not os.path.isfile(os.path.join(built, 'dataset_info.json')):
-      raise DatasetError(f'{built}: the TFDS build finished without dataset_info.json')
-    os.makedirs(os.path.dirname(final), exist_ok=True)
-    if os.path.exists(final):
-      old = os.path.join(tmp, 'previous')
-      os.rename(final, old)
-    os.rename(built, final)
+    if not os.path.isfile(os.path.join(built, INFO_FILE)):
+      raise DatasetError(f'{built}: the TFDS build finished without {INFO_FILE}')
+    paths.publish_dir(built, final, last=[INFO_FILE])
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
-  return final
+  return str(final)
 
 
 class _QuietPILDecodeWarning(logging.Filter):

@@ -15,11 +15,10 @@ table built in the same order (frozen encoder cache) or embeds the strings itsel
 from __future__ import annotations
 
 import collections
-import json
-import os
 from typing import Iterable, Sequence
 
 from optisar_jax.data import text_swaps
+from optisar_jax.runtime import paths
 
 
 def config_value(config, dotted: str, prefix: str = 'data'):
@@ -100,24 +99,13 @@ class TextVocabulary:
             'global_pool': list(self.global_pool)}
 
   def save(self, path: str) -> None:
-    """Writes JSON to `path` (via a temporary file renamed at the end)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = path + '.tmp'
-    with open(tmp, 'w', encoding='utf-8') as f:
-      json.dump(self.to_json_dict(), f, ensure_ascii=False)
-    os.replace(tmp, path)
+    """Writes JSON to `path`, local or remote, atomically (`optisar_jax.runtime.paths`)."""
+    paths.write_json_atomic(path, self.to_json_dict(), indent=None)
 
   @classmethod
   def load(cls, path: str) -> 'TextVocabulary':
-    """Reads a file written by `save`; errors name the file."""
-    try:
-      with open(path, encoding='utf-8') as f:
-        data = json.load(f)
-    except FileNotFoundError:
-      raise FileNotFoundError(f'{path}: vocabulary file not found') from None
-    except json.JSONDecodeError as err:
-      raise ValueError(f'{path}: malformed vocabulary JSON: {err}') from None
+    """Reads a file written by `save` (local or remote); errors name the file."""
+    data = paths.read_json(path, 'vocabulary file')
     if isinstance(data, list):
       data = {'strings': data}
     if not isinstance(data, dict) or not isinstance(data.get('strings'), list):

@@ -23,6 +23,8 @@ when the next manager opens the directory). A complete checkpoint damaged later 
 file: a failing disk, an interrupted copy) is found when it is restored: `restore_newest_intact` names it
 in one line, moves it to `WORKDIR/checkpoints_damaged/<step>` (never deletes it) and restores the next
 newest; every process takes the same decision.
+On gs:// (no atomic rename) Orbax writes the step in place
+and marks it complete with `<step>/commit_success.txt`. Directories are `epath.Path`s (runtime/paths.py).
 
 `PreemptionGuard` turns SIGTERM (the scheduler's preemption notice) into a flag the loop checks every
 step; with several processes all of them agree on the step at which to save (JAX's preemption sync
@@ -33,7 +35,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import threading
 from typing import Any, Sequence
@@ -42,6 +43,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
+
+from optisar_jax.runtime import paths
 
 logger = logging.getLogger(__name__)
 
@@ -94,8 +97,8 @@ class TrainCheckpointer:
 
   def __init__(self, directory: str, *, max_to_keep: int | None = 3, best_directory: str | None = None,
                best_metric: str = BEST_METRIC, async_save: bool = True):
-    self.directory = os.path.abspath(directory)
-    self.best_directory = os.path.abspath(best_directory) if best_directory else None
+    self.directory = paths.path(directory)      # an epath.Path: Orbax writes gs:// through it as well
+    self.best_directory = paths.path(best_directory) if best_directory else None
     self.best_metric = best_metric
     self._options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True,
@@ -108,14 +111,14 @@ class TrainCheckpointer:
         best_fn=lambda metrics: metrics[best_metric], best_mode='max',
         keep_checkpoints_without_metrics=False, enable_async_checkpointing=async_save)
     # The best directory is made by the first save_best: a run that never validates leaves none behind.
-    if self.best_directory and os.path.isdir(self.best_directory):
+    if self.best_directory and self.best_directory.is_dir():
       self._best_manager = ocp.CheckpointManager(self.best_directory, options=self._best_options)
 
   @classmethod
   def from_config(cls, workdir: str, config, **kwargs) -> 'TrainCheckpointer':
     """WORKDIR/checkpoints (keeping `config.train.keep_checkpoints`) and WORKDIR/checkpoints_best."""
-    return cls(os.path.join(workdir, CHECKPOINT_SUBDIR), max_to_keep=config.train.keep_checkpoints,
-               best_directory=os.path.join(workdir, BEST_SUBDIR), **kwargs)
+    return cls(paths.path(workdir) / CHECKPOINT_SUBDIR, max_to_keep=config.train.keep_checkpoints,
+               best_directory=paths.path(workdir) / BEST_SUBDIR, **kwargs)
 
   # ------------------------------------------------------------------------------------------- save
   def _args(self, state, data_state, config) -> ocp.args.Composite:
@@ -231,18 +234,22 @@ class TrainCheckpointer:
 
   def _set_aside(self, step: int, error: BaseException | None) -> None:
     """Moves checkpoint `step` out of the managed directory (process 0) and reopens the manager."""
-    source = os.path.join(self.directory, str(step))
-    aside_root = os.path.join(os.path.dirname(self.directory), DAMAGED_SUBDIR)
-    target = os.path.join(aside_root, str(step))
+    source = self.directory / str(step)
+    aside_root = self.directory.parent / DAMAGED_SUBDIR
+    target = aside_root / str(step)
     n = 1
-    while os.path.exists(target):
-      target = os.path.join(aside_root, f'{step}-{n}')
+    while target.exists():
+      target = aside_root / f'{step}-{n}'
       n += 1
     reason = f'{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ""}' if error else \
         'it failed to restore on another process'
     if jax.process_index() == 0:
-      os.makedirs(aside_root, exist_ok=True)
-      os.replace(source, target)
+      if paths.is_remote(source):    # object stores have no directory rename: copy, then delete
+        paths.copy_tree(source, target)
+        source.rmtree()
+      else:
+        aside_root.mkdir(parents=True, exist_ok=True)
+        source.rename(target)
       print(f'checkpoint {source} is damaged ({reason[:200]}); moved it to {target} and trying the next newest',
             flush=True)
     if jax.process_count() > 1:

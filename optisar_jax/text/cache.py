@@ -4,7 +4,9 @@ A cache directory holds
   strings.json     {"encoder_identity": str, "dim": D, "count": N, "strings": [N exact strings]}
   embeddings.npy   float32 (N, D), row i = L2-normalised encoding of strings[i]
 and is written to a temporary sibling directory that is renamed into place at the end, so a directory
-that exists is complete. Keys are exact strings (case and inner spacing matter), as in the reference.
+that exists is complete. A remote cache directory (`gs://...`) is built in a local temporary directory
+and uploaded with strings.json last (`optisar_jax.runtime.paths.publish_dir`); `load` checks that the
+matrix has one row per string. Keys are exact strings (case and inner spacing matter), as in the reference.
 """
 
 from __future__ import annotations
@@ -12,11 +14,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from optisar_jax.runtime import paths
 from optisar_jax.text.files import read_json_object
 
 STRINGS_FILE = 'strings.json'
@@ -74,13 +76,13 @@ class EmbeddingCache:
   @classmethod
   def load(cls, directory: str, expected_identity: str | None = None) -> 'EmbeddingCache':
     """Reads a cache directory; errors name the file. expected_identity: the encoder it must come from."""
-    strings_path = os.path.join(directory, STRINGS_FILE)
-    matrix_path = os.path.join(directory, EMBEDDINGS_FILE)
-    if not os.path.isdir(directory):
+    strings_path = paths.path(directory) / STRINGS_FILE
+    matrix_path = paths.path(directory) / EMBEDDINGS_FILE
+    if not paths.isdir(directory):
       raise FileNotFoundError(f'{directory}: embedding cache directory not found')
-    if not os.path.isfile(strings_path):
+    if not strings_path.is_file():
       raise FileNotFoundError(f'{strings_path}: caption table not found')
-    if not os.path.isfile(matrix_path):
+    if not matrix_path.is_file():
       raise FileNotFoundError(f'{matrix_path}: embedding matrix not found')
     table = read_json_object(strings_path, 'caption table')
     if (not isinstance(table.get('strings'), list)
@@ -88,8 +90,9 @@ class EmbeddingCache:
         or not isinstance(table.get('encoder_identity'), str)):
       raise ValueError(f'{strings_path}: expected {{"encoder_identity": str, "strings": [str, ...]}}')
     try:
-      matrix = np.load(matrix_path, allow_pickle=False)
-    except (ValueError, OSError) as e:
+      with matrix_path.open('rb') as f:
+        matrix = np.load(f, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
       raise ValueError(f'{matrix_path}: unreadable .npy ({e})') from None
     if matrix.dtype != np.float32 or matrix.ndim != 2 or matrix.shape[0] != len(table['strings']):
       raise ValueError(f'{matrix_path}: expected float32 ({len(table["strings"])}, D), got {matrix.dtype} '
@@ -102,23 +105,18 @@ class EmbeddingCache:
 
 def write_embedding_cache(directory: str, strings: Sequence[str], matrix: np.ndarray,
                           encoder_identity: str) -> None:
-  """Writes strings.json + embeddings.npy atomically (temporary sibling directory, then rename)."""
+  """Writes strings.json + embeddings.npy into `directory` (local or remote), replacing it: built in a
+  temporary directory, then renamed into place (local) or uploaded with strings.json last (remote)."""
   strings = [str(s) for s in strings]
   matrix = np.asarray(matrix, dtype=np.float32)
   EmbeddingCache(strings, matrix, encoder_identity)        # validates shape and uniqueness
-  directory = os.path.abspath(directory)
-  parent = os.path.dirname(directory)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(dir=parent, prefix='.' + os.path.basename(directory) + '.')
-  os.chmod(tmp, 0o755)                                   # mkdtemp makes it private
+  tmp = paths.staging_dir(directory, prefix='.' + paths.path(directory).name + '.')
   try:
     with open(os.path.join(tmp, STRINGS_FILE), 'w', encoding='utf-8') as f:
       json.dump({'encoder_identity': encoder_identity, 'dim': int(matrix.shape[1]), 'count': len(strings),
                  'strings': strings}, f, ensure_ascii=False, indent=0)
     np.save(os.path.join(tmp, EMBEDDINGS_FILE), matrix, allow_pickle=False)
-    if os.path.isdir(directory):
-      shutil.rmtree(directory)
-    os.replace(tmp, directory)
+    paths.publish_dir(tmp, directory, last=[STRINGS_FILE])
   finally:
     if os.path.isdir(tmp):
       shutil.rmtree(tmp)

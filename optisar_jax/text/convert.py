@@ -22,10 +22,11 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from typing import Any
 
 import numpy as np
+
+from optisar_jax.runtime import paths
 
 BPE_FILENAME = 'bpe_simple_vocab_16e6.txt.gz'
 
@@ -209,22 +210,17 @@ def find_bpe_file(bpe: str | None, checkpoint: str) -> str:
 
 def write_hf_directory(output_dir: str, config: dict, state: dict[str, np.ndarray], tokenizer: Any,
                        extra: dict | None = None) -> None:
-  """Writes config.json, model.safetensors and the tokenizer files to a temporary sibling directory and
-  renames it to output_dir at the end (an existing output_dir is replaced)."""
+  """Writes config.json, model.safetensors and the tokenizer files to a temporary local directory and
+  moves it to output_dir at the end (renamed when local; uploaded with config.json last when remote, e.g.
+  gs://bucket/encoders/name); an existing output_dir is replaced."""
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-  output_dir = os.path.abspath(output_dir)
-  parent = os.path.dirname(output_dir)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(dir=parent, prefix='.' + os.path.basename(output_dir) + '.')
-  os.chmod(tmp, 0o755)                                   # mkdtemp makes it private
+  tmp = paths.staging_dir(output_dir, prefix='.' + paths.path(output_dir).name + '.')
   try:
     with open(os.path.join(tmp, 'config.json'), 'w', encoding='utf-8') as f:
       json.dump(dict(config, **(extra or {})), f, indent=2, sort_keys=True)
     save_file(state, os.path.join(tmp, 'model.safetensors'), metadata={'format': 'pt'})
     tokenizer.save_pretrained(tmp)
-    if os.path.isdir(output_dir):
-      shutil.rmtree(output_dir)
-    os.replace(tmp, output_dir)
+    paths.publish_dir(tmp, output_dir, last=['config.json'])
   finally:
     if os.path.isdir(tmp):
       shutil.rmtree(tmp)

@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import os
+from optisar_jax.runtime import paths
 
 
 def read_json_object(path: str, what: str) -> dict:
-  """The JSON object in `path`; one-line errors naming the file (missing, malformed, not an object)."""
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'{path}: {what} not found')
-  try:
-    with open(path, encoding='utf-8') as f:
-      data = json.load(f)
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise ValueError(f'{path}: malformed JSON ({e})') from None
+  """The JSON object in `path` (local or remote); one-line errors naming the file (missing, malformed,
+  not an object)."""
+  data = paths.read_json(path, what)
   if not isinstance(data, dict):
     raise ValueError(f'{path}: expected a JSON object, got {type(data).__name__}')
   return data

@@ -7,6 +7,9 @@ Directory layout (what `save_pretrained` writes, and what scripts/convert_text_e
   tokenizer.json / tokenizer_config.json / vocab files
   sentence_bert_config.json        optional (sentence-transformers: max_seq_length)
 
+A remote directory (`gs://bucket/encoders/name`) is copied into a local temporary directory first
+(transformers and safetensors read local files only), loaded into memory, and the copy removed.
+
 `encode(strings)` tokenizes with the model's tokenizer, puts every string in the smallest fixed length
 bucket that holds it (its own length decides, never the batch's), runs batches of exactly `batch_size` rows
 (the last one padded with empty rows) through one jitted function per length bucket, and L2-normalises in
@@ -18,6 +21,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import tempfile
 from typing import Any, Callable, Sequence
 
 import jax
@@ -25,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from optisar_jax.runtime import paths
 from optisar_jax.text.files import read_json_object
 from optisar_jax.text import bert as bert_lib
 from optisar_jax.text import clip as clip_lib
@@ -83,7 +89,9 @@ def _files_digest(paths: Sequence[str]) -> str:
 
 
 def resolve_model_dir(path: str) -> str:
-  """A local directory, or `hf://owner/name[@revision]` downloaded with huggingface_hub (needs network)."""
+  """The local directory of the encoder at `path`: `path` itself when local, `hf://owner/name[@revision]`
+  downloaded with huggingface_hub (needs network), a remote URL (`gs://...`) copied to a new temporary
+  directory `<tmp>/<name>` (the caller removes `<tmp>`)."""
   if path.startswith(HF_SCHEME):
     repo = path[len(HF_SCHEME):]
     repo, _, revision = repo.partition('@')
@@ -93,8 +101,12 @@ def resolve_model_dir(path: str) -> str:
           '*.json', '*.safetensors', '*.txt', '*.model', '1_Pooling/*'])
     except Exception as e:  # offline, unknown repo, ...
       raise OSError(f'{path}: cannot download from the Hugging Face Hub ({type(e).__name__}: {e})') from None
-  if not os.path.isdir(path):
+  if not paths.isdir(path):
     raise FileNotFoundError(f'{path}: text encoder directory not found')
+  if paths.is_remote(path):
+    local = os.path.join(tempfile.mkdtemp(prefix='optisar-text-encoder-'), paths.path(path).name)
+    paths.copy_tree(path, local)
+    return local
   return path
 
 
@@ -235,8 +247,21 @@ def load_text_encoder(path: str, *, batch_size: int = 64,
   lengths (max_length is always added); fewer buckets = fewer compilations, more padding.
   Errors are one line and name the offending file.
   """
-  from transformers import AutoConfig  # pylint: disable=g-import-not-at-top
   model_dir = resolve_model_dir(path)
+  if not paths.is_remote(path):
+    return _load_from_dir(path, model_dir, batch_size, buckets)
+  try:
+    return _load_from_dir(path, model_dir, batch_size, buckets)
+  except (FileNotFoundError, ValueError) as e:     # name the remote file, not its temporary copy
+    kind = FileNotFoundError if isinstance(e, FileNotFoundError) else ValueError
+    raise kind(str(e).replace(model_dir, str(paths.path(path)))) from None
+  finally:
+    shutil.rmtree(os.path.dirname(model_dir), ignore_errors=True)
+
+
+def _load_from_dir(path: str, model_dir: str, batch_size: int, buckets: Sequence[int]) -> TextEncoder:
+  """`load_text_encoder` of the local directory `model_dir` (`path` as the user gave it)."""
+  from transformers import AutoConfig  # pylint: disable=g-import-not-at-top
   config_path = os.path.join(model_dir, 'config.json')
   raw = read_json_object(config_path, 'text encoder config')
   model_type = raw.get('model_type')

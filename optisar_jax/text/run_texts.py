@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from typing import Any, Callable, Sequence
 
 import jax
@@ -21,6 +20,7 @@ import ml_collections
 import numpy as np
 
 from optisar_jax.data.vocabulary import TextVocabulary, build_vocabulary
+from optisar_jax.runtime import paths
 
 TEXT_SUBDIR = 'text'
 VOCABULARY_FILE = 'vocabulary.json'
@@ -37,18 +37,19 @@ class RunTexts:
 
 
 def text_dir(workdir: str) -> str:
-  return os.path.join(workdir, TEXT_SUBDIR)
+  """WORKDIR/text (absolute when local; a URL such as gs://bucket/run/text when remote)."""
+  return str(paths.path(workdir) / TEXT_SUBDIR)
 
 
 def prepare_run_texts(config: ml_collections.ConfigDict, workdir: str,
                       open_caption_source: Callable[[], Any]) -> RunTexts:
   """The run's texts, built from the training split on the first start and reloaded afterwards."""
   directory = text_dir(workdir)
-  vocab_path = os.path.join(directory, VOCABULARY_FILE)
-  tokenizer_path = os.path.join(directory, TOKENIZER_FILE)
+  vocab_path = paths.path(directory) / VOCABULARY_FILE
+  tokenizer_path = paths.path(directory) / TOKENIZER_FILE
   main = jax.process_index() == 0
   captions = None
-  if os.path.isfile(vocab_path):
+  if paths.isfile(vocab_path):
     vocabulary = TextVocabulary.load(vocab_path)
   else:
     from optisar_jax.data.sources import training_captions
@@ -59,7 +60,7 @@ def prepare_run_texts(config: ml_collections.ConfigDict, workdir: str,
   strings = list(vocabulary)
   if config.text.mode == 'trainable':
     from optisar_jax.text import tokenization
-    if os.path.isfile(tokenizer_path):
+    if paths.isfile(tokenizer_path):
       tokenizer = tokenization.load_caption_tokenizer(tokenizer_path)
     else:
       tokenizer = tokenization.build_caption_tokenizer(strings, int(config.text.tower.vocab_size))
@@ -86,10 +87,10 @@ def _with_table(config, vocabulary, *, tokenizer=None, cache=None) -> RunTexts:
 def load_run_texts(config: ml_collections.ConfigDict, workdir: str) -> RunTexts:
   """The texts of a trained run (for evaluation, inference and export)."""
   directory = text_dir(workdir)
-  vocabulary = TextVocabulary.load(os.path.join(directory, VOCABULARY_FILE))
+  vocabulary = TextVocabulary.load(paths.path(directory) / VOCABULARY_FILE)
   if config.text.mode == 'trainable':
     from optisar_jax.text import tokenization
-    tokenizer = tokenization.load_caption_tokenizer(os.path.join(directory, TOKENIZER_FILE))
+    tokenizer = tokenization.load_caption_tokenizer(paths.path(directory) / TOKENIZER_FILE)
     return _with_table(config, vocabulary, tokenizer=tokenizer)
   return _with_table(config, vocabulary, cache=_load_cache(config))
 

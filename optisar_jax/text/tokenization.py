@@ -13,12 +13,13 @@ import functools
 import gzip
 import json
 import os
-import tempfile
 from typing import Iterable, Sequence
 
 import numpy as np
 import tokenizers
 from tokenizers import models, normalizers, pre_tokenizers, trainers
+
+from optisar_jax.runtime import paths
 
 PAD_TOKEN = '[PAD]'
 EOT_TOKEN = '[EOT]'
@@ -55,13 +56,12 @@ def clip_vocab_from_bpe(bpe_path: str, max_merges: int | None = None) -> tuple[d
   The file's first line is a header; OpenCLIP keeps merges[1 : 49152-256-2+1]. max_merges truncates further
   (small test vocabularies).
   """
-  if not os.path.isfile(bpe_path):
+  if not paths.isfile(bpe_path):
     raise FileNotFoundError(f'{bpe_path}: BPE vocabulary file not found')
   try:
-    opener = gzip.open if bpe_path.endswith('.gz') else open
-    with opener(bpe_path, 'rb') as f:
-      lines = f.read().decode('utf-8').split('\n')
-  except (OSError, UnicodeDecodeError) as e:
+    data = paths.path(bpe_path).read_bytes()
+    lines = (gzip.decompress(data) if os.fspath(bpe_path).endswith('.gz') else data).decode('utf-8').split('\n')
+  except (OSError, EOFError, UnicodeDecodeError) as e:
     raise ValueError(f'{bpe_path}: unreadable BPE vocabulary ({e})') from None
   lines = lines[1:49152 - 256 - 2 + 1]
   if max_merges is not None:
@@ -148,25 +148,17 @@ def build_caption_tokenizer(captions: Iterable[str], vocab_size: int) -> tokeniz
 
 
 def save_caption_tokenizer(tokenizer: tokenizers.Tokenizer, path: str) -> None:
-  """Writes the tokenizer JSON atomically (temporary file + rename)."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix='.tokenizer.', suffix='.tmp')
-  os.close(fd)
-  try:
-    tokenizer.save(tmp)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  """Writes the tokenizer JSON to `path` (local or remote) atomically (`optisar_jax.runtime.paths`)."""
+  paths.write_text_atomic(path, tokenizer.to_str(pretty=True))
 
 
 def load_caption_tokenizer(path: str) -> tokenizers.Tokenizer:
-  """Reads a tokenizer JSON written by `save_caption_tokenizer`; one-line errors naming the file."""
-  if not os.path.isfile(path):
+  """Reads a tokenizer JSON written by `save_caption_tokenizer` (local or remote); one-line errors
+  naming the file."""
+  if not paths.isfile(path):
     raise FileNotFoundError(f'{path}: caption tokenizer not found')
   try:
-    tokenizer = tokenizers.Tokenizer.from_file(path)
+    tokenizer = tokenizers.Tokenizer.from_str(paths.path(path).read_text(encoding='utf-8'))
   except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
     raise ValueError(f'{path}: malformed tokenizer JSON ({e})') from None
   if tokenizer.token_to_id(EOT_TOKEN) != EOT_ID or tokenizer.token_to_id(PAD_TOKEN) != PAD_ID:

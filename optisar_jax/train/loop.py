@@ -17,8 +17,6 @@ Semantics worth knowing:
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from typing import Any
 
@@ -31,6 +29,7 @@ from optisar_jax.data import pipeline
 from optisar_jax.data import sources
 from optisar_jax.runtime import checkpoint as checkpoint_lib
 from optisar_jax.runtime import distributed
+from optisar_jax.runtime import paths
 from optisar_jax.runtime import prefetch as prefetch_lib
 from optisar_jax.train import optimizer as optimizer_lib
 from optisar_jax.train import run_logging
@@ -41,30 +40,25 @@ from optisar_jax.text import run_texts as texts_lib
 LOSS_KEYS = ('loss', 'box', 'cls', 'dfl', 'region', 'moe')
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(FloatingPointError):
   """The loss became NaN/inf (with `train.nonfinite = 'stop'`)."""
-
-
-def _write_json_atomic(path: str, obj: Any) -> None:
-  tmp = f'{path}.tmp-{os.getpid()}'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=2, sort_keys=True, default=list)
-  os.replace(tmp, path)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, coordinator_address: str | None = None,
           num_processes: int | None = None, process_id: int | None = None,
           stop_after_steps: int | None = None) -> dict[str, Any]:
-  """Trains (resuming from WORKDIR if it holds a checkpoint); returns the last logged metrics.
+  """Trains (resuming from WORKDIR if it holds a checkpoint); returns the last logged metrics plus
+  'finished' (False when a stop signal or `stop_after_steps` ended this invocation early; {} plus
+  'finished' when the run had already finished before this call).
 
   `stop_after_steps` stops (with a checkpoint) after that many steps of THIS invocation, as a preemption
   would (used by tests of resumption).
   """
   distributed.initialize(coordinator_address, num_processes, process_id)
   main = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
+  paths.makedirs(workdir)
   if main:
-    _write_json_atomic(os.path.join(workdir, 'config.json'), config.to_dict())
+    paths.write_json_atomic(paths.path(workdir) / 'config.json', config.to_dict(), sort_keys=True, default=list)
 
   # ------------------------------------------------------------------------------------------ mesh
   mesh = sharding_lib.make_mesh(config.mesh)
@@ -135,50 +129,60 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, coordinator_addres
   # Without JAX's preemption service, processes agree on a stop by all-gathering their SIGTERM flags:
   # at log steps only, never a host sync per step.
   guard = checkpoint_lib.PreemptionGuard(sync_every=int(config.train.log_every))
-  with jax.set_mesh(mesh), guard, batches:
-    while step < total_steps:
-      batch = next(batches)
-      if compiled_step is None:   # compiled ahead of the first call, on every process before any runs it
-        compiled_step = distributed.compile_together(train_step, state, batch, text_table, base_rng,
-                                                     name='train_step')
-      state, metrics = compiled_step(state, batch, text_table, base_rng)
-      step += 1
-      steps_this_run += 1
-      pending.append(metrics)
-      log_now = step % config.train.log_every == 0 or step == total_steps
-      stop = guard.should_stop(step) or (stop_after_steps is not None and steps_this_run >= stop_after_steps)
-      save_now = step % config.train.checkpoint_every == 0 or step == total_steps or stop
-      if log_now or save_now:
-        # Every step's finiteness is checked before anything is logged or saved: a stop (preemption
-        # included) never checkpoints a state that a non-finite step has spoilt.
-        fetched = jax.device_get(pending)
-        pending = []
-        for offset, m in enumerate(fetched):
-          if not m['finite']:
-            if config.train.nonfinite == 'stop':
-              raise NonFiniteLossError(
-                  f'non-finite loss at step {step - len(fetched) + offset + 1} (loss={float(m["loss"])}); '
-                  "set --config.train.nonfinite=skip to skip such steps")
-            skipped += 1
-        last_fetched = fetched[-1]
-      if log_now:
-        row = {k: float(v) for k, v in last_fetched.items() if k != 'finite'}
-        row.update(optimizer_lib.schedule_values(schedules, step - 1))
-        row['epoch'] = (step - 1) // dataset.steps_per_epoch + 1
-        now = time.perf_counter()
-        if last_log is not None:          # the first interval holds the compile: no rate for it
-          row['images_per_s'] = (step - last_log[0]) * config.train.batch_size / (now - last_log[1])
-        last_log = (step, now)
-        if skipped:
-          row['skipped_steps'] = skipped
-        last_logged = writer.write(step, row)
-        printer(step, row)
-      if save_now:
-        checkpointer.save(step, state, dataset.state_at(step), config, force=True)
-      if optimizer_lib.validation_due(step, dataset.steps_per_epoch, total_steps, config.train) and step < total_steps:
-        _validate(validator, state, step, checkpointer, dataset, writer, printer, config)
-      if stop:
-        break
+  try:
+    with jax.set_mesh(mesh), guard, batches:
+      while step < total_steps:
+        batch = next(batches)
+        if compiled_step is None:   # compiled ahead of the first call, on every process before any runs it
+          compiled_step = distributed.compile_together(train_step, state, batch, text_table, base_rng,
+                                                       name='train_step')
+        state, metrics = compiled_step(state, batch, text_table, base_rng)
+        step += 1
+        steps_this_run += 1
+        pending.append(metrics)
+        log_now = step % config.train.log_every == 0 or step == total_steps
+        stop = guard.should_stop(step) or (stop_after_steps is not None and steps_this_run >= stop_after_steps)
+        save_now = step % config.train.checkpoint_every == 0 or step == total_steps or stop
+        if log_now or save_now:
+          # Every step's finiteness is checked before anything is logged or saved: a stop (preemption
+          # included) never checkpoints a state that a non-finite step has spoilt.
+          fetched = jax.device_get(pending)
+          pending = []
+          for offset, m in enumerate(fetched):
+            if not m['finite']:
+              if config.train.nonfinite == 'stop':
+                raise NonFiniteLossError(
+                    f'non-finite loss at step {step - len(fetched) + offset + 1} (loss={float(m["loss"])}); '
+                    "set --config.train.nonfinite=skip to skip such steps")
+              skipped += 1
+          last_fetched = fetched[-1]
+        if log_now:
+          row = {k: float(v) for k, v in last_fetched.items() if k != 'finite'}
+          row.update(optimizer_lib.schedule_values(schedules, step - 1))
+          row['epoch'] = (step - 1) // dataset.steps_per_epoch + 1
+          now = time.perf_counter()
+          if last_log is not None:          # the first interval holds the compile: no rate for it
+            row['images_per_s'] = (step - last_log[0]) * config.train.batch_size / (now - last_log[1])
+          last_log = (step, now)
+          if skipped:
+            row['skipped_steps'] = skipped
+          last_logged = writer.write(step, row)
+          printer(step, row)
+        if save_now:
+          checkpointer.save(step, state, dataset.state_at(step), config, force=True)
+        if optimizer_lib.validation_due(step, dataset.steps_per_epoch, total_steps, config.train) and step < total_steps:
+          _validate(validator, state, step, checkpointer, dataset, writer, printer, config)
+        if stop:
+          checkpointer.wait()
+          printer.message(f'stopped at step {step} of {total_steps} ('
+                          f'{"stop signal" if guard.stop_requested or stop_after_steps is None else "stop_after_steps"}'
+                          f'); checkpoint {step} saved, the same command continues from it')
+          break
+  except BaseException:
+    # The run ends with an error (a non-finite loss under train.nonfinite='stop' included): the checkpoint
+    # being written in the background finishes first, so no save dies half-done with the interpreter.
+    _close_quietly(checkpointer, writer, printer, data_iter)
+    raise
   checkpointer.wait()
   if eval_every and step == total_steps:
     _validate(validator, state, step, checkpointer, dataset, writer, printer, config)
@@ -187,16 +191,26 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, coordinator_addres
   writer.close()
   printer.close()
   data_iter.close()
-  return last_logged
+  return {**last_logged, 'finished': step >= total_steps}
 
 
-def _save_png(path: str, picture: np.ndarray) -> None:
-  """Writes an RGB uint8 array as a PNG (through a temporary file, so a reader never sees half of it)."""
+def _close_quietly(checkpointer, *others) -> None:
+  """Waits for the pending checkpoint and closes everything, never masking the error being raised."""
+  import logging
+  for close in (checkpointer.wait, checkpointer.close, *[o.close for o in others]):
+    try:
+      close()
+    except Exception:  # noqa: BLE001 - the original error is the one to report
+      logging.exception('while closing the run after an error')
+
+
+def _save_png(path, picture: np.ndarray) -> None:
+  """Writes an RGB uint8 array as a PNG, atomically (a reader never sees half of it; local or gs://)."""
+  import io
   from PIL import Image
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = f'{path}.tmp-{os.getpid()}.png'
-  Image.fromarray(picture).save(tmp, format='PNG')
-  os.replace(tmp, path)
+  buffer = io.BytesIO()
+  Image.fromarray(picture).save(buffer, format='PNG')
+  paths.write_bytes_atomic(path, buffer.getvalue())
 
 
 def _validate(validator, state, step, checkpointer, dataset, writer, printer, config) -> None:
@@ -210,6 +224,6 @@ def _validate(validator, state, step, checkpointer, dataset, writer, printer, co
   if shown > 0 and jax.process_index() == 0 and validator.last_results:
     picture = validator.examples_picture(shown)       # ground truth green, prediction red
     writer.write_image(step, 'val/examples', picture)
-    _save_png(os.path.join(validator.workdir, 'val', f'step_{step}.png'), picture)
+    _save_png(paths.path(validator.workdir) / 'val' / f'step_{step}.png', picture)
   if metrics['all']['meanIoU'] is not None:
     checkpointer.save_best(step, state, metrics['all']['meanIoU'], dataset.state_at(step), config)

@@ -6,6 +6,16 @@ or preempted run keeps everything logged so far, and writes the same scalars to 
 `WORKDIR/tensorboard`. Only process 0 writes; the others get a writer that does nothing, so the loop
 calls it unconditionally. A resumed run appends to the same file.
 
+Remote workdirs (`gs://...`, optisar_jax/runtime/paths.py). Object stores cannot append to an object
+(gcsfs opens mode 'a' as an overwrite and uploads only at close), and tensorboardX's own `gs://` writer
+goes through google-cloud-storage's client, not epath, and re-uploads its file at every flush. So with a
+remote workdir both files are written to a local staging directory exactly as for a local workdir
+(metrics.jsonl first downloaded from the workdir when a resumed run finds one), and `sync()` uploads
+every file that changed since the last upload as a whole object (atomic: a reader sees the previous
+upload or the new one, never a torn file). `write` syncs when `sync_seconds` have passed since the last
+upload (the first write syncs at once), `close` always does; a run that dies without closing loses at
+most the last `sync_seconds` of rows, which its resumption (from the last checkpoint) logs again.
+
 `ProgressPrinter` prints `step/total, epoch, loss components, images/s, ETA`: on a terminal one line
 rewritten in place, otherwise (log files, CI) one line per call.
 """
@@ -16,15 +26,22 @@ import json
 import math
 import numbers
 import os
+import shutil
 import sys
+import tempfile
 import time
+import uuid
+import weakref
 from typing import Any, Mapping, TextIO
 
 import jax
 import numpy as np
 
+from optisar_jax.runtime import paths
+
 METRICS_FILE = 'metrics.jsonl'
 TENSORBOARD_SUBDIR = 'tensorboard'
+REMOTE_SYNC_SECONDS = 30.0
 
 
 def to_python_scalars(metrics: Mapping[str, Any]) -> dict[str, Any]:
@@ -45,21 +62,44 @@ def to_python_scalars(metrics: Mapping[str, Any]) -> dict[str, Any]:
 
 
 class MetricsWriter:
-  """metrics.jsonl + TensorBoard scalars, written by process 0 only."""
+  """metrics.jsonl + TensorBoard scalars, written by process 0 only.
 
-  def __init__(self, workdir: str, *, tensorboard: bool = True, enabled: bool | None = None):
-    self.workdir = workdir
+  `workdir`: a local directory or a remote URL (`gs://bucket/run`); `sync_seconds`: for a remote
+  workdir, the least time between two uploads of the staged files (module docstring).
+  """
+
+  def __init__(self, workdir: str, *, tensorboard: bool = True, enabled: bool | None = None,
+               sync_seconds: float = REMOTE_SYNC_SECONDS):
+    self.workdir = str(paths.path(workdir))
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
-    self.path = os.path.join(workdir, METRICS_FILE)
+    self.path = str(paths.path(workdir) / METRICS_FILE)
+    self.remote = paths.is_remote(workdir)
+    self.sync_seconds = float(sync_seconds)
     self._file = None
     self._tb = None
+    self._staging: str | None = None
+    self._uploaded: dict[str, tuple[int, int]] = {}
+    self._last_sync = -math.inf
     if not self.enabled:
       return
-    os.makedirs(workdir, exist_ok=True)
-    self._file = open(self.path, 'a', encoding='utf-8')
+    local_dir = self.workdir
+    if self.remote:
+      self._staging = tempfile.mkdtemp(prefix='optisar-run-logs-')
+      # Removed with the writer (or at exit) when a crashed run never calls close.
+      self._cleanup = weakref.finalize(self, shutil.rmtree, self._staging, True)
+      local_dir = self._staging
+      if paths.isfile(self.path):    # a resumed run goes on appending to the uploaded rows
+        paths.copy_file(self.path, os.path.join(local_dir, METRICS_FILE))
+        self._uploaded[METRICS_FILE] = self._signature(METRICS_FILE)
+    else:
+      os.makedirs(local_dir, exist_ok=True)
+    self._file = open(os.path.join(local_dir, METRICS_FILE), 'a', encoding='utf-8')
     if tensorboard:
       from tensorboardX import SummaryWriter  # imported lazily: only process 0 needs it
-      self._tb = SummaryWriter(os.path.join(workdir, TENSORBOARD_SUBDIR))
+      # A suffix of its own: the default name (seconds and host) is the same for a run resumed within
+      # the second, whose writer would replace the first one's file.
+      self._tb = SummaryWriter(os.path.join(local_dir, TENSORBOARD_SUBDIR),
+                               filename_suffix=f'.{os.getpid()}.{uuid.uuid4().hex[:6]}')
 
   def write(self, step: int, metrics: Mapping[str, Any], *, prefix: str = '') -> dict[str, Any]:
     """Logs `metrics` (scalars) for `step`; returns the record written. `prefix` namespaces TB tags."""
@@ -73,6 +113,8 @@ class MetricsWriter:
         if name != 'step' and isinstance(value, numbers.Real) and not isinstance(value, bool):
           self._tb.add_scalar(prefix + name, value, int(step))
       self._tb.flush()
+    if self.remote and time.monotonic() - self._last_sync >= self.sync_seconds:
+      self.sync()
     return record
 
   def write_image(self, step: int, name: str, image) -> None:
@@ -81,14 +123,43 @@ class MetricsWriter:
       self._tb.add_image(name, np.asarray(image), int(step), dataformats='HWC')
       self._tb.flush()
 
+  def _signature(self, relative: str) -> tuple[int, int]:
+    info = os.stat(os.path.join(self._staging, relative))
+    return info.st_size, info.st_mtime_ns
+
+  def sync(self) -> list[str]:
+    """Uploads the staged files that changed since their last upload to the remote workdir (whole
+    objects); returns their paths relative to the workdir. Nothing to do for a local workdir."""
+    if self._staging is None:
+      return []
+    if self._file is not None:
+      self._file.flush()
+    if self._tb is not None:
+      self._tb.flush()
+    uploaded = []
+    for relative in paths.list_files(self._staging):
+      signature = self._signature(relative)
+      if self._uploaded.get(relative) == signature:
+        continue
+      paths.copy_file(os.path.join(self._staging, relative), paths.path(self.workdir) / relative)
+      self._uploaded[relative] = signature
+      uploaded.append(relative)
+    self._last_sync = time.monotonic()
+    return uploaded
+
   def close(self) -> None:
-    """Closes the files (further writes are an error)."""
+    """Closes the files and, for a remote workdir, uploads them and removes the staging directory
+    (further writes are an error)."""
     if self._file is not None:
       self._file.close()
       self._file = None
     if self._tb is not None:
       self._tb.close()
       self._tb = None
+    if self._staging is not None:
+      self.sync()
+      self._cleanup()
+      self._staging = None
 
   def __enter__(self) -> 'MetricsWriter':
     return self
@@ -99,17 +170,16 @@ class MetricsWriter:
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
   """The records of WORKDIR/metrics.jsonl (a torn last line from a killed run is skipped)."""
-  path = os.path.join(workdir, METRICS_FILE)
+  text = (paths.path(workdir) / METRICS_FILE).read_text(encoding='utf-8')
   records = []
-  with open(path, encoding='utf-8') as f:
-    for line in f:
-      line = line.strip()
-      if not line:
-        continue
-      try:
-        records.append(json.loads(line))
-      except json.JSONDecodeError:
-        continue
+  for line in text.splitlines():
+    line = line.strip()
+    if not line:
+      continue
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError:
+      continue
   return records
 
 
