@@ -197,6 +197,8 @@ def get_config():
   c.eval.batch_size = 8                  # image slots per DEVICE per eval step
   c.eval.query_slots = 16                # query slots per DEVICE per eval step (OptSAR-RSVG: 1.93 per image)
   c.eval.max_queries_per_image = 0       # 0: all queries of an image share its backbone pass; 1: one pass each
+  c.eval.routing_images = 32             # evaluate.py's routing.png/json: PL-MoE routing of up to this many
+                                         # images per modality (0: none)
   c.eval.conf_threshold = 1e-4           # top-1 score below this = no prediction
   c.eval.use_ema = True
 

@@ -124,6 +124,21 @@ def test_evaluate_writes_the_learned_gates(trained_tiny, tmp_path):
   assert len(gates) == 3 and all(len(g['weight_gate']) == len(g['feature_gate']) == heads for g in gates.values())
   # Four steps from the (1, 0) initialisation move the gates a little, and only a little.
   assert all(abs(v - 1.0) < 0.1 for g in gates.values() for v in g['weight_gate'])
+  # routing.json / routing.png: PL-MoE's top-1 expert of every patch of up to 32 images per modality
+  with open(tmp_path / 'routing.json') as f:
+    routed = json.load(f)
+  split = evaluation.EvalSplit(config, 'test')
+  domains = [e['domain'] for e in split.examples]
+  expected = {'optical': min(32, domains.count(0)), 'sar': min(32, domains.count(1))}
+  assert routed['images'] == expected and min(expected.values()) > 0
+  assert routed['experts'] == config.model.moe.num_experts
+  assert list(routed['counts']) == ['detector/layers/8/m/0/moe']
+  for block, counts in routed['counts'].items():
+    for domain in ('optical', 'sar'):
+      assert len(counts[domain]) == routed['experts']
+      assert sum(counts[domain]) == expected[domain] * routed['patches_per_image'][block]
+  from PIL import Image
+  assert Image.open(tmp_path / 'routing.png').size[0] > 300
 
 
 @pytest.mark.slow

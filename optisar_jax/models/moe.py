@@ -204,6 +204,9 @@ class PatchMoE(nnx.Module):
     self.experts = SharedLoRAExperts(c, int(moe_config.num_experts), int(moe_config.rank),
                                      lora_scale_init=float(moe_config.lora_scale_init), opts=opts, rngs=rngs)
     self.group_size = opts.bn_group_size
+    # Set on a merged copy by optisar_jax/routing.py (never in training or the exported predict): the call
+    # then also records each patch's top-1 expert, (B, nh, nw) int32, as the nnx.Intermediate `routing`.
+    self.record_routing = False
 
   def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None = None) -> tuple[jax.Array, jax.Array]:
     b, h, w, _ = x.shape
@@ -211,6 +214,9 @@ class PatchMoE(nnx.Module):
     pw = patch_size_for(w, self.target_patches, self.min_patch, self.max_patch)
     patches = partition_patches(x, ph, pw)
     gates, router_prob, dispatch = self.gate(patches.mean(axis=(1, 2)), rngs=rngs)
+    if self.record_routing:
+      grid = (b, -(-h // ph), -(-w // pw))
+      self.sow(nnx.Intermediate, 'routing', jnp.argmax(gates, axis=-1).astype(jnp.int32).reshape(grid))
     out = unpartition_patches(self.experts(patches, gates, b), b, h, w)
     # Groups of whole images, as BatchNorm's; a symbolic batch (jax.export of inference, where the loss is
     # unused) is one group.
