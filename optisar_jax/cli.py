@@ -1,9 +1,12 @@
 """Shared command-line plumbing for the thin scripts in scripts/.
 
-* `--config FILE` plus any number of `--config.a.b=value` overrides (a key that does not exist is an
-  error naming it), parsed by `optisar_jax.config`.
+* `--config FILE` plus any number of `--config.a.b=value` (or `--config.a.b value`) overrides, parsed by
+  `ml_collections.config_flags` through `optisar_jax.config.load_config`: each value is read with the
+  type of the field it replaces; an unknown key or an unreadable value is an error naming the key. The
+  script's other flags are argparse's.
 * `run(main)`: bad input ends with ONE line on stderr naming the file or key and what is wrong, and exit
-  status 2, instead of a traceback. Set OPTISAR_TRACEBACK=1 to see the traceback.
+  status 2, instead of a traceback; so does a non-finite loss under `train.nonfinite = 'stop'`
+  (a FloatingPointError naming the step). Set OPTISAR_TRACEBACK=1 to see the traceback.
 """
 
 from __future__ import annotations
@@ -85,7 +88,7 @@ def run(main: Callable[[], int | None]) -> None:
   prepare_runtime()
   try:
     code = main()
-  except (FileNotFoundError, KeyError, ValueError, json.JSONDecodeError, OSError) as err:
+  except (FileNotFoundError, KeyError, ValueError, json.JSONDecodeError, OSError, FloatingPointError) as err:
     if os.environ.get('OPTISAR_TRACEBACK'):
       raise
     message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)

@@ -19,9 +19,9 @@ import os
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
-from optisar_jax import cli  # noqa: E402
+from optisar_jax import cli
+from optisar_jax.runtime import paths
 
 METRICS = ('Pr@0.5', 'meanIoU', 'cumIoU')
 
@@ -76,8 +76,7 @@ def run_one(base_config, changes: dict, seed: int, workdir: str, tfds_dir: str) 
   grounder = evaluation.load_grounder(workdir, overrides=[f'data.data_dir={tfds_dir}'])
   metrics, _, _ = evaluation.evaluate_split(grounder, grounder.config, 'test', progress=False)
   result = {name: metrics['all'][name] for name in METRICS}
-  with open(metrics_path, 'w') as f:
-    json.dump(result, f)
+  paths.write_json_atomic(metrics_path, result)
   return result
 
 
@@ -87,9 +86,15 @@ def table(rows: list[tuple[str, list[dict]]], seeds: list[int]) -> str:
            '|---|' + '---:|' * len(METRICS)]
   for name, results in rows:
     cells = []
+    if not results:
+      lines.append(f'| `{name}` | ' + ' | '.join(['pending'] * len(METRICS)) + ' |')
+      continue
     for metric in METRICS:
       values = [r[metric] for r in results if r[metric] is not None]
       cells.append(f'{sum(values) / len(values):.2f} ({min(values):.2f}-{max(values):.2f})' if values else 'n/a')
+    if len(results) < len(seeds):
+      cells[-1] += f' [{len(results)} of {len(seeds)} seeds]'
+
     lines.append(f'| `{name}` | ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines)
 
@@ -110,17 +115,17 @@ def main() -> int:
     make_synthetic_dataset(raw_dir, format='optsar', num_images=int(config.demo.num_images),
                            seed=int(config.demo.seed), overwrite=True)
   build_tfds('optsar_rsvg', raw_dir, tfds_dir)
-  rows = []
-  for name, changes in variants(deviations()):
-    results = []
+  grid = variants(deviations())
+  done: dict[str, list[dict]] = {name: [] for name, _ in grid}
+  markdown = ''
+  for name, changes in grid:
     for seed in seeds:
       run_dir = os.path.join(args.workdir, 'runs', name.replace('/', '_').replace("'", ''), f'seed{seed}')
       print(f'[ablation] {name} seed {seed}: {run_dir}', flush=True)
-      results.append(run_one(config, changes, seed, run_dir, tfds_dir))
-    rows.append((name, results))
-  markdown = table(rows, seeds)
-  with open(os.path.join(args.workdir, 'ablation.md'), 'w') as f:
-    f.write(markdown + '\n')
+      done[name].append(run_one(config, changes, seed, run_dir, tfds_dir))
+      # The table so far after every run: an interrupted grid still leaves its finished rows.
+      markdown = table([(n, done[n]) for n, _ in grid], seeds)
+      paths.write_text_atomic(os.path.join(args.workdir, 'ablation.md'), markdown + '\n')
   print(markdown)
   return 0
 

@@ -18,11 +18,8 @@ the bare train step in one process: images_per_s, step_images_per_s, loop_vs_ste
 import argparse
 import json
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from optisar_jax import cli  # noqa: E402
+from optisar_jax import cli
 
 
 def main() -> int:

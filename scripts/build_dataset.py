@@ -9,12 +9,9 @@ tfds.data_source('<dataset>', split=..., data_dir=...).
 """
 
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from optisar_jax.data import release, sources  # noqa: E402
+from optisar_jax.data import release, sources
 
 
 def main(argv=None) -> int:

@@ -9,8 +9,6 @@ The first step writes random images and our resize / warp outputs; the second re
 """
 
 import argparse
-import os
-import sys
 
 import numpy as np
 
@@ -26,7 +24,6 @@ FILL = (114, 114, 114)
 
 
 def write(path):
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   from optisar_jax.data import augment
   rng = np.random.default_rng(1)
   arrays = {}

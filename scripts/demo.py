@@ -8,12 +8,10 @@ Running it again resumes (or, when training has finished, only re-evaluates).
 
 import argparse
 import os
-import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
-from optisar_jax import cli  # noqa: E402
+from optisar_jax import cli
 
 
 def main() -> int:

@@ -9,12 +9,8 @@ With --output, draws the boxes and queries into a PNG.
 
 import argparse
 import json
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from optisar_jax import cli  # noqa: E402
+from optisar_jax import cli
 
 
 def main() -> int:

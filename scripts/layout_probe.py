@@ -10,12 +10,9 @@ channels is padded, and relayouts at program boundaries add copies.
 """
 
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from optisar_jax import compile_report  # noqa: E402  (sets the libtpu environment first)
+from optisar_jax import compile_report  # sets the libtpu environment first
 
 
 def main() -> int:

@@ -6,12 +6,9 @@ The same seed gives byte-identical files. See optisar_jax/data/synthetic.py for 
 """
 
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from optisar_jax.data import release, synthetic  # noqa: E402
+from optisar_jax.data import release, synthetic
 
 
 def main(argv=None) -> int:

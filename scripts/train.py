@@ -5,12 +5,8 @@
 """
 
 import argparse
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from optisar_jax import cli  # noqa: E402
+from optisar_jax import cli
 
 
 def main() -> int:
@@ -28,10 +24,13 @@ def main() -> int:
   start = time.perf_counter()
   last = loop.train(config, args.workdir, coordinator_address=args.coordinator_address,
                     num_processes=args.num_processes, process_id=args.process_id)
-  if jax.process_index() == 0 and not last:
+  if jax.process_index() == 0 and 'step' not in last:
     print(f'train.py: {args.workdir} had already finished training; nothing to do', flush=True)
+  elif jax.process_index() == 0 and not last['finished']:
+    print(f"train.py: stopped at step {last['step']}; rerun the same command to continue", flush=True)
   elif jax.process_index() == 0:
-    loss = f"loss {last['loss']:.4f}, " if 'loss' in last else ''
+    value = last.get('loss')                # None when the last logged loss was not finite (JSON has no NaN)
+    loss = '' if 'loss' not in last else f"loss {float('nan') if value is None else value:.4f}, "
     print(f"train.py: done at step {last.get('step', '?')} ({loss}{(time.perf_counter() - start) / 60:.1f} min); "
           f'checkpoints in {args.workdir}/checkpoints, metrics in {args.workdir}/metrics.jsonl', flush=True)
   distributed.shutdown()   # all processes together (see optisar_jax/runtime/distributed.py)

@@ -34,6 +34,10 @@ def test_model_summary_prints_the_reference_parameter_count():
     (['--config', 'configs/tiny.py', '--workdir', 'unused', '--config.train.no_such_key=1'],
      "config key 'train.no_such_key' does not exist"),
     (['--config', 'configs/nope.py', '--workdir', 'unused'], 'configs/nope.py: config file not found'),
+    (['--config', 'configs/tiny.py', '--workdir', 'unused', '--config.train.num_steps=ten'],
+     "config key 'train.num_steps': cannot read 'ten'"),
+    (['--config', 'configs/tiny.py', '--workdir', 'unused', '--config.model.tgdg.gate_init', 'open'],
+     "config key 'model.tgdg.gate_init': cannot read 'open' (expected a tuple of numbers"),
     (['--config', 'configs/tiny.py', '--workdir', 'unused', '--config.data.data_dir=unbuilt/tfds'],
      "unbuilt/tfds: no built TFDS dataset 'optsar_rsvg'"),
 ])
@@ -54,6 +58,7 @@ def test_evaluate_on_a_missing_workdir_is_one_line(tmp_path):
   assert 'config.json' in result.stderr and 'Traceback' not in result.stderr
 
 
+@pytest.mark.slow
 def test_benchmark_input_against_workers():
   """`scripts/benchmark.py --what input --against_workers 1`: one JSON line; rounds of the config's worker
   count (0) alternate with 1 worker; every rate is the batch over the median round time."""
