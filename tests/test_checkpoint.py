@@ -95,7 +95,7 @@ def test_nnx_train_state_moves_between_meshes(tmp_path):
     return {'step': jnp.zeros((), jnp.int32), 'params': params, 'rest': rest, 'opt_state': tx.init(params),
             'ema': ema.init_ema({'params': params, 'rest': rest})}
 
-  state, _ = sharding.create_sharded_state(init_fn, _mesh((4, 2)), sharding.FSDP_RULES)
+  state, _ = sharding.place_state(jax.device_get(init_fn()), _mesh((4, 2)), sharding.FSDP_RULES)
   ckpt, _ = _checkpointer(tmp_path)
   ckpt.save(3, state, {'step': 3}, config)
   ckpt.wait()

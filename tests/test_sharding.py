@@ -127,16 +127,17 @@ def test_batch_sharding_gives_every_device_a_slice():
     sharding.local_batch_size(12, mesh)
 
 
-def test_create_sharded_state_places_leaves_per_rules():
+def test_place_state_places_leaves_per_rules():
   mesh = sharding.make_mesh(mesh_config((4, 2)))
-  state, shardings = sharding.create_sharded_state(lambda: nnx.state(Toy(nnx.Rngs(0))), mesh,
-                                                   sharding.FSDP_RULES)
+  state, shardings = sharding.place_state(jax.device_get(nnx.state(Toy(nnx.Rngs(0)))), mesh,
+                                          sharding.FSDP_RULES)
   assert state['conv']['kernel'][...].sharding.spec == P(None, None, None, 'fsdp')
   assert state['lin']['kernel'][...].sharding.spec == P('fsdp')
   assert state['bn']['mean'][...].sharding.is_fully_replicated
   assert shardings['lin']['kernel'].get_value() == NamedSharding(mesh, P('fsdp'))
   np.testing.assert_allclose(state['lin']['kernel'][...], fixed_init(None, (8, 4)))
-  # jnp.array(0.5) is weakly typed; the state is not, so a train step compiles once.
+  # jnp.array(0.5) is weakly typed; the placed state is not (host copies carry no weak type), so a train
+  # step compiles once.
   assert not state['logit_scale'][...].weak_type
 
 
@@ -169,7 +170,7 @@ def _train(mesh, rules, steps=3):
     new_ema = ema.update_ema(state['ema'], {'params': params, 'rest': rest}, step=step, decay=0.9, tau=1.0)
     return {'step': step, 'params': params, 'rest': rest, 'opt_state': opt_state, 'ema': new_ema}, loss
 
-  state, state_shardings = sharding.create_sharded_state(init_fn, mesh, rules)
+  state, state_shardings = sharding.place_state(jax.device_get(init_fn()), mesh, rules)
   batch_sharding = sharding.batch_sharding(mesh)
   step_fn = jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
                     out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))

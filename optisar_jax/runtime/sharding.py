@@ -1,4 +1,4 @@
-"""Device mesh, parameter sharding rules, batch sharding and sharded initialisation.
+"""Device mesh, parameter sharding rules, batch sharding and placing a host state on the mesh.
 
 The mesh has named axes from the config (`mesh.shape`, `mesh.axes`, default `(-1, 1)` over
 `('data', 'fsdp')`; one degree may be -1 and is resolved from the device count). All axes are `Auto`,
@@ -24,10 +24,9 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
@@ -193,32 +192,18 @@ def abstract_with_shardings(abstract_state, shardings) -> Any:
                       abstract_state, shardings)
 
 
-def create_sharded_state(init_fn: Callable[[], Any], mesh: Mesh, rules) -> tuple[Any, Any]:
-  """Runs `init_fn()` under `jax.jit` with `out_shardings` from the rules: returns `(state, shardings)`.
+def place_state(host_state, mesh: Mesh, rules) -> tuple[Any, Any]:
+  """`(state, shardings)`: the host arrays of `host_state` (numpy or CPU arrays, the same values on every
+  process) placed on `mesh` with shardings from the rules; each device receives only its shard
+  (`make_array_from_callback`), so the whole state never sits on one accelerator."""
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), host_state)
+  shardings = param_shardings(mesh, abstract, rules)
 
-  The output shapes come from `jax.eval_shape`, so the state is created directly in its sharded layout and
-  never exists whole on one device; weak types are dropped (see `_strong_type`). `init_fn` takes no
-  arguments and returns a pytree of arrays, e.g. `lambda: nnx.state(OptiSARNet(cfg, text_dim, rngs=...))`.
-  It runs under `jax.set_mesh(mesh)` (needed for variables created with `nnx.with_partitioning`).
-  """
+  def place(value, sharding):
+    value = np.asarray(value)
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
-  def strong_init_fn():
-    return jax.tree.map(_strong_type, init_fn())
-
-  with jax.set_mesh(mesh):
-    abstract_state = jax.eval_shape(strong_init_fn)
-    shardings = param_shardings(mesh, abstract_state, rules)
-    state = jax.jit(strong_init_fn, out_shardings=shardings)()
-  return state, shardings
-
-
-def _strong_type(x):
-  """`x` without JAX's weak type (e.g. `nnx.Param(jnp.array(-1.0))`): a weakly typed leaf would come back
-  strongly typed from the first train step and force a second compilation."""
-  dtype = getattr(x, 'dtype', None)
-  if dtype is None or not (jnp.issubdtype(dtype, jnp.number) or jnp.issubdtype(dtype, jnp.bool_)):
-    return x
-  return jax.lax.convert_element_type(x, dtype)
+  return jax.tree.map(place, host_state, shardings), shardings
 
 
 def global_batch_from_process_local(batch, sharding: NamedSharding) -> Any:

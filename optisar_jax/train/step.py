@@ -32,7 +32,6 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from flax import nnx
 
@@ -96,14 +95,7 @@ def setup_training(config: ml_collections.ConfigDict, mesh, rules, *,
     tx = make_tx(model)
     host_state = jax.device_get(state_from_model(model, tx))
   train_def, eval_def = graphdefs_of(model)
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), host_state)
-  shardings = sharding_lib.param_shardings(mesh, abstract, rules)
-
-  def place(value, sharding):
-    value = np.asarray(value)
-    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
-
-  state = jax.tree.map(place, host_state, shardings)
+  state, shardings = sharding_lib.place_state(host_state, mesh, rules)
   return TrainSetup(state, shardings, tx, train_def, eval_def)
 
 
@@ -113,26 +105,17 @@ def _tree_all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
-def make_train_step(config: ml_collections.ConfigDict, train_graphdef, tx: optax.GradientTransformation,
-                    *, param_shardings=None, gathered=None) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
-  """Returns the pure `train_step(state, batch, text_table, rng)`.
-
-  batch: the pipeline's dict (docs/internals.md) as global jax.Arrays: image uint8 (B,S,S,3), boxes
-  (B,M,4), box_slots (B,M), box_mask (B,M), text_ids (B,K), text_mask (B,K). text_table: (V,D) float32
-  embeddings (frozen text) or (V,L) int32 token ids (trainable tower), replicated.
-
-  Sharded weights (FSDP rules): with `gathered` (the replicated sharding of the mesh) and
-  `param_shardings` (the params' shardings), the forward pass uses each weight all-gathered whole and the
-  gradients return to the weights' shards (a reduce-scatter), as FSDP / ZeRO-3 do. Without this XLA is
-  free to keep a weight sharded and split the ACTIVATIONS over its channels instead: on scale m with a
-  (4, 4) mesh that moved 49 GB of activations per step through all-gathers (docs/scaling.md).
-  """
+def make_loss_and_grads(config: ml_collections.ConfigDict, train_graphdef, *, gathered=None
+                        ) -> Callable[..., tuple[jax.Array, dict, Any, Any]]:
+  """Returns the pure `loss_and_grads(state, batch, text_table, rng) -> (loss, components, new_rest,
+  grads)`: the training loss (Sec. 3.5 of the paper: box + cls + dfl + region + moe) of `state['params']`
+  on `batch`, its float32 gradient with respect to every parameter, the loss components and the updated
+  BatchNorm/MoE statistics (`new_rest`). The train step applies the optimizer to `grads`; tests compare
+  them across device counts. Arguments as in `make_train_step`."""
   loss_config = config.loss
-  skip_nonfinite = config.train.nonfinite == 'skip'
-  ema_decay, ema_tau = config.train.ema_decay, config.train.ema_tau
   compute_dtype = jnp.dtype(platform_lib.compute_dtype(config.model))
 
-  def train_step(state: TrainState, batch: dict[str, jax.Array], text_table: jax.Array, rng: jax.Array):
+  def loss_and_grads(state: TrainState, batch: dict[str, jax.Array], text_table: jax.Array, rng: jax.Array):
     step_rng = jax.random.fold_in(rng, state['step'])
     images = batch['image'].astype(compute_dtype) / 255.0
     points, strides = anchors_for(config)
@@ -149,6 +132,32 @@ def make_train_step(config: ml_collections.ConfigDict, train_graphdef, tx: optax
       return total, (components, new_rest)
 
     (loss, (components, new_rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
+    return loss, components, new_rest, grads
+
+  return loss_and_grads
+
+
+def make_train_step(config: ml_collections.ConfigDict, train_graphdef, tx: optax.GradientTransformation,
+                    *, param_shardings=None, gathered=None) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
+  """Returns the pure `train_step(state, batch, text_table, rng)`.
+
+  batch: the pipeline's dict (docs/internals.md) as global jax.Arrays: image uint8 (B,S,S,3), boxes
+  (B,M,4), box_slots (B,M), box_mask (B,M), text_ids (B,K), text_mask (B,K). text_table: (V,D) float32
+  embeddings (frozen text) or (V,L) int32 token ids (trainable tower), replicated.
+
+  Sharded weights (FSDP rules): with `gathered` (the replicated sharding of the mesh) and
+  `param_shardings` (the params' shardings), the forward pass uses each weight all-gathered whole and the
+  gradients return to the weights' shards (a reduce-scatter), as FSDP / ZeRO-3 do. Without this XLA is
+  free to keep a weight sharded and split the ACTIVATIONS over its channels instead: on scale m with a
+  (4, 4) mesh that moved 49 GB of activations per step through all-gathers (docs/scaling.md).
+  """
+  skip_nonfinite = config.train.nonfinite == 'skip'
+  ema_decay, ema_tau = config.train.ema_decay, config.train.ema_tau
+
+  loss_and_grads = make_loss_and_grads(config, train_graphdef, gathered=gathered)
+
+  def train_step(state: TrainState, batch: dict[str, jax.Array], text_table: jax.Array, rng: jax.Array):
+    loss, components, new_rest, grads = loss_and_grads(state, batch, text_table, rng)
     if param_shardings is not None:
       grads = jax.lax.with_sharding_constraint(grads, param_shardings)
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
@@ -164,13 +173,13 @@ def make_train_step(config: ml_collections.ConfigDict, train_graphdef, tx: optax
     if skip_nonfinite:
       # Keep the old weights, statistics and optimizer moments. Integer leaves (the step counters of the
       # optimizer's schedules) still advance, like state['step'], so the data order and the learning-rate
-      # schedule stay those of an uninterrupted run.
-      def keep(new, old):
-        return jax.tree_util.tree_map(
-            lambda n, o: n if jnp.issubdtype(n.dtype, jnp.integer) else jnp.where(finite, n, o), new, old)
-      new_state['params'] = keep(params, state['params'])
-      new_state['rest'] = keep(new_rest, state['rest'])
-      new_state['opt_state'] = keep(opt_state, state['opt_state'])
+      # schedule stay those of an uninterrupted run. One conditional picks the whole set: a per-leaf
+      # jnp.where costs XLA minutes of compilation (30 s -> 200 s for the tiny step on a CPU).
+      new, old = (params, new_rest, opt_state), (state['params'], state['rest'], state['opt_state'])
+      chosen = jax.lax.cond(finite, lambda: new, lambda: old)
+      kept = jax.tree_util.tree_map(
+          lambda n, c: n if jnp.issubdtype(n.dtype, jnp.integer) else c, new, chosen)
+      new_state['params'], new_state['rest'], new_state['opt_state'] = kept
     new_state['ema'] = ema_lib.update_ema(
         state['ema'], {'params': new_state['params'], 'rest': new_state['rest']},
         step=new_state['step'], decay=ema_decay, tau=ema_tau)
