@@ -14,6 +14,8 @@ from conftest import tiny_config
 from test_multihost_train import REPO, _env, run_processes
 
 
+pytestmark = pytest.mark.slow      # trains the tiny model or runs processes: minutes on a 2-core CPU
+
 def _rows(workdir):
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     rows = [json.loads(line) for line in f if line.strip()]
@@ -34,7 +36,6 @@ def uninterrupted(synthetic_tfds, tmp_path_factory):
   return workdir
 
 
-@pytest.mark.slow
 def test_damaged_newest_checkpoint_is_set_aside_and_the_run_resumes_exactly(synthetic_tfds, uninterrupted,
                                                                            tmp_path, capsys):
   from optisar_jax.train import loop
@@ -62,7 +63,6 @@ def test_damaged_newest_checkpoint_is_set_aside_and_the_run_resumes_exactly(synt
     assert resumed[step]['loss'] == straight[step]['loss'], step  # bitwise: same weights, same batches
 
 
-@pytest.mark.slow
 def test_checkpoint_without_input_state_resumes_the_data_at_its_step(synthetic_tfds, uninterrupted, tmp_path):
   from optisar_jax.runtime import checkpoint as checkpoint_lib
   from optisar_jax.train import loop
@@ -95,30 +95,42 @@ def test_checkpoint_without_input_state_resumes_the_data_at_its_step(synthetic_t
     assert resumed[step]['loss'] == straight[step]['loss'], step  # the batches of steps 5 and 6, not 1 and 2
 
 
-@pytest.mark.slow
-def test_two_process_checkpoint_resumes_on_one_process(synthetic_tfds, tmp_path):
-  """Written by 2 processes (2 CPU devices each), resumed by 1 process (4 devices) from step 2: its step 3
-  sees the same weights and the same global batch as the 2-process run's step 3, so the losses agree to
-  float32 reduction order (1e-5 relative)."""
+def test_two_process_run_stopped_by_sigterm_resumes_on_one_process(synthetic_tfds, tmp_path):
+  """A 2-process run (2 CPU devices each) gets SIGTERM on both processes mid-run, as a preempted pod
+  slice does; all processes stop at the same step k and save it (JAX's preemption sync point). Resumed by
+  1 process (4 devices), step k+1 sees the same weights and the same global batch as the 2-process run's
+  own step k+1 (the 2-process resume: a resume on the same topology is bitwise, tests/test_recovery.py), so
+  the losses agree to float32 reduction order (1e-5 relative)."""
+  import signal
+  from test_multihost_train import finish_processes, start_processes
+  from test_recovery import checkpoint_steps, wait_for_step
   common = ['scripts/train.py', '--config', 'configs/tiny.py', f'--config.data.data_dir={synthetic_tfds[1]}',
-            '--config.train.num_steps=4', '--config.train.checkpoint_every=2', '--config.train.log_every=1']
+            '--config.train.num_steps=16', '--config.train.checkpoint_every=100', '--config.train.log_every=1']
   multi = str(tmp_path / 'multi')
-  run_processes([[*common, '--workdir', multi]] * 2, tmp_path)
-  two = _rows(multi)
+  procs = start_processes([[*common, '--workdir', multi]] * 2, tmp_path)
+  try:
+    wait_for_step(multi, 2, procs)
+    for proc in procs:
+      proc.send_signal(signal.SIGTERM)
+  finally:
+    logs = finish_processes(procs, tmp_path)
+  saved = checkpoint_steps(multi)
+  assert len(saved) == 1 and 2 <= saved[0] < 16, (saved, logs[0][-2000:])
+  k = saved[0]
+  assert f'stopped at step {k} of 16' in logs[0]
   single = str(tmp_path / 'single')
   shutil.copytree(multi, single)
-  shutil.rmtree(os.path.join(single, 'checkpoints', '4'))
-  os.remove(os.path.join(single, 'metrics.jsonl'))
+  run_processes([[*common, '--workdir', multi]] * 2, tmp_path)      # the original topology continues
+  two = _rows(multi)
   one = subprocess.run([sys.executable, *common, '--workdir', single], cwd=REPO, env=_env(4),
                        capture_output=True, text=True, timeout=900)
   assert one.returncode == 0, one.stderr[-3000:]
-  assert 'resumed from' in one.stdout and 'at step 2' in one.stdout
+  assert 'resumed from' in one.stdout and f'at step {k}' in one.stdout
   resumed = _rows(single)
-  assert sorted(resumed) == [3, 4]
-  np.testing.assert_allclose(resumed[3]['loss'], two[3]['loss'], rtol=1e-5)
+  assert sorted(resumed) == sorted(two) == list(range(1, 17))
+  np.testing.assert_allclose(resumed[k + 1]['loss'], two[k + 1]['loss'], rtol=1e-5)
 
 
-@pytest.mark.slow
 def test_one_process_checkpoint_resumes_on_two_processes(synthetic_tfds, uninterrupted, tmp_path):
   """Written by 1 process (8 devices), resumed by 2 processes (2 CPU devices each) from step 2: step 3
   sees the same weights and global batch, so its loss equals the uninterrupted run's to 1e-5."""
