@@ -31,7 +31,7 @@ What one timed unit is:
 from __future__ import annotations
 
 import os
-from typing import Callable
+from typing import Any, Callable
 
 SCALES = ('n', 's', 'm', 'l', 'x')
 MODES = ('forward', 'train_step')
@@ -109,7 +109,7 @@ def peer_parameter_count(scale: str, family: str = 'yoloe') -> int:
 
 def build_ultralytics_peer(scale: str, imgsz: int, batch: int, threads: int, mode: str = 'forward', *,
                            family: str = 'yoloe', num_prompts: int = 1, fuse: bool = True,
-                           targets_per_image: int = 4, seed: int = 0) -> Callable[[], None]:
+                           targets_per_image: int = 4, seed: int = 0) -> Callable[[], Any]:
   """Builds the Ultralytics peer and returns a zero-arg callable that runs one timed unit.
 
   Args:
@@ -126,7 +126,8 @@ def build_ultralytics_peer(scale: str, imgsz: int, batch: int, threads: int, mod
     seed: seed of the random weights, input, prompts and targets.
 
   Returns:
-    A callable that runs one forward or one training step on fixed random inputs and returns None.
+    A callable that runs one forward or one training step on fixed random inputs. The forward returns
+    its output's shape, (batch, 4 + classes, anchors); the training step returns its loss (a float).
   """
   if mode not in MODES:
     raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
@@ -153,9 +154,11 @@ def build_ultralytics_peer(scale: str, imgsz: int, batch: int, threads: int, mod
     if fuse:
       model.fuse(verbose=False)
 
-    def forward() -> None:
+    def forward() -> tuple[int, ...]:
       with torch.inference_mode():
-        model(images)
+        out = model(images)
+      out = out[0] if isinstance(out, (tuple, list)) else out
+      return tuple(out.shape)       # (batch, 4 + classes, anchors): checked by tests, cheap to time
 
     return forward
 
@@ -181,12 +184,14 @@ def build_ultralytics_peer(scale: str, imgsz: int, batch: int, threads: int, mod
   optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.999), weight_decay=0.025)
   ema = ModelEMA(model)
 
-  def train_step() -> None:
+  def train_step() -> float:
     loss, _ = model.loss(step_batch)
-    loss.sum().backward()
+    total = loss.sum()
+    total.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=10.0)
     optimizer.step()
     optimizer.zero_grad()
     ema.update(model)
+    return float(total.detach())    # the step's loss, before its update
 
   return train_step
