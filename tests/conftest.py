@@ -3,6 +3,8 @@
 * 8 simulated CPU devices, so sharding tests can build meshes such as data 4 x fsdp 2. This must happen
   before jax is imported anywhere.
 * absl flags marked as parsed: grain reads absl flags and fails with UnparsedFlagAccessError otherwise.
+* a persistent compilation cache of this session only (below), shared with subprocesses.
+* `-m "not slow"`: the fast subset (end-to-end and multi-process tests are marked slow).
 """
 
 import os
@@ -27,15 +29,36 @@ from absl import flags  # noqa: E402
 
 flags.FLAGS.mark_as_parsed()
 
-# Tests compile the same tiny programs many times (and CI runs on the same machine again): share them.
+# Tests compile the same tiny programs many times, in this process and in the subprocesses of the command
+# and multi-process tests: they share one persistent compilation cache, made for this test session and
+# removed at its end, so that the suite's time never depends on earlier runs. OPTISAR_JAX_TEST_CACHE_DIR
+# names a directory to keep between sessions instead (for quick local iterations; CI never sets it).
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
 from optisar_jax.cli import enable_compilation_cache  # noqa: E402
 
-enable_compilation_cache(os.environ.get('OPTISAR_JAX_CACHE_DIR',
-                                        os.path.join(os.path.expanduser('~'), '.cache', 'optisar_jax',
-                                                     'xla-tests')))
+_KEPT_CACHE = os.environ.get('OPTISAR_JAX_TEST_CACHE_DIR')
+_SESSION_CACHE = _KEPT_CACHE or tempfile.mkdtemp(prefix='optisar-jax-test-xla-')
+os.environ['OPTISAR_JAX_CACHE_DIR'] = _SESSION_CACHE        # inherited by every subprocess
+enable_compilation_cache(_SESSION_CACHE)
+
+
+def pytest_sessionfinish(session, exitstatus):
+  del session, exitstatus
+  if not _KEPT_CACHE:
+    shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
 
 
 import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+  """Every test that uses the trained tiny run (`trained_tiny`, about a minute to train) is slow."""
+  del config
+  for item in items:
+    if 'trained_tiny' in getattr(item, 'fixturenames', ()):
+      item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope='session')

@@ -30,6 +30,7 @@ def test_record_reports_the_achieved_rate():
   assert out['num_devices'] == jax.device_count()
 
 
+@pytest.mark.slow
 def test_forward_against_another_cpu_kernel_choice():
   """--against_cpu_ynnpack: the same forward compiled twice (the config's kernels and 'all'), alternated."""
   from optisar_jax.config import load_config

@@ -111,6 +111,7 @@ def eval_encode(tiny):
   return jit(lambda s: nnx.merge(graphdef, s).encode_image(images))
 
 
+@pytest.mark.slow
 def test_tiny_forward_backward_finite(train_step, tiny):
   loss, out, _, _, grads, _ = train_step
   assert bool(jnp.isfinite(loss))
@@ -127,6 +128,7 @@ def test_tiny_forward_backward_finite(train_step, tiny):
   assert moe.m[0].moe.gate.noisy
 
 
+@pytest.mark.slow
 def test_batchnorm_train_vs_eval_and_running_stats(train_step, tiny, eval_encode):
   _, _, train_maps, new_stats, _, old_stats = train_step
   old, new = jax.tree.leaves(old_stats), jax.tree.leaves(new_stats)
@@ -153,6 +155,7 @@ def test_train_mode_without_rngs_is_a_clear_error(tiny):
   assert nnx.eval_shape(lambda m: m(images, text), model)['box_logits'].shape == (2, 84, 64)
 
 
+@pytest.mark.slow
 def test_ground_queries_equals_separate_ground_calls(tiny, train_step, eval_encode):
   model, images, _ = tiny
   model.eval()
