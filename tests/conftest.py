@@ -39,18 +39,33 @@ import tempfile  # noqa: E402
 from optisar_jax.cli import enable_compilation_cache  # noqa: E402
 
 _KEPT_CACHE = os.environ.get('OPTISAR_JAX_TEST_CACHE_DIR')
-_SESSION_CACHE = _KEPT_CACHE or tempfile.mkdtemp(prefix='optisar-jax-test-xla-')
-os.environ['OPTISAR_JAX_CACHE_DIR'] = _SESSION_CACHE        # inherited by every subprocess
+_SESSION_VAR = 'OPTISAR_JAX_TEST_SESSION_CACHE'        # set by the session's first process for its workers
+_INHERITED = os.environ.get(_SESSION_VAR)
+_SESSION_CACHE = _KEPT_CACHE or _INHERITED or tempfile.mkdtemp(prefix='optisar-jax-test-xla-')
+_OWNS_CACHE = not (_KEPT_CACHE or _INHERITED)
+os.environ[_SESSION_VAR] = _SESSION_CACHE              # pytest-xdist workers share the controller's cache
+os.environ['OPTISAR_JAX_CACHE_DIR'] = _SESSION_CACHE   # inherited by every subprocess
 enable_compilation_cache(_SESSION_CACHE)
 
 
 def pytest_sessionfinish(session, exitstatus):
   del session, exitstatus
-  if not _KEPT_CACHE:
+  if _OWNS_CACHE:
     shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
 
 
 import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope='module')
+def _drop_compiled_programs():
+  """Compiled programs are dropped after each test module (they stay in the session's persistent cache):
+  a worker's memory then holds one module's executables, not the whole suite's."""
+  yield
+  import gc
+  import jax
+  jax.clear_caches()
+  gc.collect()
 
 
 def pytest_collection_modifyitems(config, items):

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from test_multihost_train import REPO, _env, run_processes
+from processes import REPO, _env, run_processes
 
 
 @pytest.mark.slow

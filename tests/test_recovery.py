@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from test_multihost_train import REPO, _env
+from processes import REPO, _env
 
 pytestmark = pytest.mark.slow
 
