@@ -7,10 +7,11 @@ The deviations are the keys in which configs/optsar_rsvg_reference.py differs fr
 (the table of docs/architecture.md section 10); each variant applies the preset's values of its keys on
 top of --config. One synthetic dataset (WORKDIR/data) serves every run; run i trains in
 WORKDIR/runs/<variant>/seed<k> (resumed or only re-evaluated when run again) and is evaluated on the test
-split. WORKDIR/ablation.md gets the table: per variant, the mean and the range over seeds of Pr@0.5,
-meanIoU and cumIoU (all queries). With the demo config this takes about 12 minutes per run on a 2-core
-CPU, i.e. hours for the whole grid; `--config configs/tiny.py --config.train.num_steps=2` checks the
-plumbing in a minute or two.
+split. WORKDIR/ablation.md gets the table after every run (unfinished variants say 'pending'): per
+variant, the mean and the range over seeds of Pr@0.5, meanIoU and cumIoU (all queries). With the demo
+config at half its training (--config.train.epochs=13) a run takes about 4-5 minutes on a 2-core CPU, so
+the 16 runs take over an hour; docs/architecture.md section 11 has the table. `--config configs/tiny.py
+--config.train.num_steps=2` checks the plumbing in a few minutes.
 """
 
 import argparse
