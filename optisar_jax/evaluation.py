@@ -242,6 +242,11 @@ class Grounder:
     self.set_weights(params, rest)
     self.embedder = texts_lib.QueryEmbedder(config, texts, embed_tokens=self._embed_tokens)
 
+  @property
+  def eval_graphdef(self):
+    """The eval-mode graph of the model (nnx.merge it with `params` and `rest`)."""
+    return self._graphdef
+
   def set_weights(self, params, rest) -> None:
     """New weights of the same structure (the training loop's periodic validation): the compiled predict
     is kept."""

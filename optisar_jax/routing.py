@@ -60,7 +60,7 @@ def routing_maps(grounder, images: np.ndarray) -> dict[str, np.ndarray]:
   canvases, computed with the grounder's weights on its mesh (every process passes the same images and
   gets the same maps)."""
   from optisar_jax.evaluation import place_replicated
-  fn = jax.jit(make_routing_fn(grounder._graphdef), out_shardings=grounder.replicated)
+  fn = jax.jit(make_routing_fn(grounder.eval_graphdef), out_shardings=grounder.replicated)
   placed = place_replicated(np.ascontiguousarray(images), grounder.mesh)
   out = fn(grounder.params, grounder.rest, placed)
   return {name: np.asarray(value.addressable_shards[0].data) for name, value in sorted(out.items())}

@@ -1,5 +1,7 @@
 """PL-MoE routing pictures (optisar_jax/routing.py): top-1 expert maps and per-modality counts."""
 
+import types
+
 import numpy as np
 import pytest
 from flax import nnx
@@ -16,16 +18,13 @@ def _grounder_like(config):
   from optisar_jax.evaluation import place_replicated
   from optisar_jax.runtime import sharding as sharding_lib
 
-  class Holder:
-    pass
   model = grounding.GroundingModel(config, rngs=nnx.Rngs(0))
   _, params, rest = nnx.split(model, nnx.Param, ...)
-  holder = Holder()
-  holder.config = config
-  holder.mesh = jax.make_mesh((1,), ('data',), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:1])
-  holder.replicated = sharding_lib.replicated(holder.mesh)
-  holder._graphdef = grounding.graphdefs(config)[1]
-  holder.params, holder.rest = place_replicated(params, holder.mesh), place_replicated(rest, holder.mesh)
+  mesh = jax.make_mesh((1,), ('data',), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:1])
+  holder = types.SimpleNamespace(
+      config=config, mesh=mesh, replicated=sharding_lib.replicated(mesh),
+      eval_graphdef=grounding.graphdefs(config)[1],
+      params=place_replicated(params, mesh), rest=place_replicated(rest, mesh))
   return holder
 
 
