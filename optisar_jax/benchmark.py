@@ -198,7 +198,7 @@ def bench_train_step(config, config_name: str, batch: int, imgsz: int, *, warmup
   other_config = _with_cpu_ynnpack(config, 'train', against_cpu_ynnpack) if against_cpu_ynnpack else None
   mesh = sharding_lib.make_mesh(config.mesh)
   rules = tuple(tuple(rule) for rule in config.mesh.sharding_rules)
-  setup = step_lib.setup_training(config, mesh, rules, make_tx=lambda model: optimizer_lib.make_optimizer(
+  setup = step_lib.setup_training(config, mesh, rules, make_tx=lambda model: optimizer_lib.make_recipe(
       config.optim, steps_per_epoch=100, total_steps=10000, params_tree=model))
   state = setup.state
   batch_sharding = sharding_lib.batch_sharding(mesh)
@@ -221,21 +221,23 @@ def bench_train_step(config, config_name: str, batch: int, imgsz: int, *, warmup
     global_batch = sharding_lib.global_batch_from_process_local(batch_np, batch_sharding)
     table = jax.device_put(table, replicated)
     key = jax.device_put(jax.random.PRNGKey(0), replicated)
-    compiled = step_fn.lower(state, global_batch, table, key).compile()
+    numbers = jax.device_put(setup.recipe.numbers, replicated)
+    compiled = step_fn.lower(state, global_batch, table, key, numbers).compile()
     gflops = cost_gflops(compiled)
     holder = {'state': state}
 
     def ours():
-      holder['state'], metrics = compiled(holder['state'], global_batch, table, key)
+      holder['state'], metrics = compiled(holder['state'], global_batch, table, key, numbers)
       return metrics
 
     if against or against_cpu_ynnpack:
       if against_cpu_ynnpack:
-        other = step_lib.jit_train_step(other_config, setup, mesh).lower(state, global_batch, table, key).compile()
+        other = step_lib.jit_train_step(other_config, setup, mesh).lower(
+            state, global_batch, table, key, numbers).compile()
         other_holder = {'state': jax.tree.map(jnp.copy, state)}
 
         def peer():
-          other_holder['state'], metrics = other(other_holder['state'], global_batch, table, key)
+          other_holder['state'], metrics = other(other_holder['state'], global_batch, table, key, numbers)
           return jax.block_until_ready(metrics)
 
         name = f'xla.cpu_ynnpack_train={against_cpu_ynnpack}'

@@ -298,22 +298,24 @@ def lower_train_step(config, mesh, global_batch: int, vocab_size: int):
   from optisar_jax.train import step as step_lib
   rules = tuple(tuple(rule) for rule in config.mesh.sharding_rules)
   model = grounding.abstract_model(config)
-  tx = optimizer_lib.make_optimizer(config.optim, steps_per_epoch=1000, total_steps=300_000, params_tree=model)
+  recipe = optimizer_lib.make_recipe(config.optim, steps_per_epoch=1000, total_steps=300_000, params_tree=model)
   train_def, _ = grounding.graphdefs_of(model)
-  abstract = step_lib.abstract_state(model, tx)
+  abstract = step_lib.abstract_state(model, recipe.tx)
   shardings = sharding_lib.param_shardings(mesh, abstract, rules)
   state = sharding_lib.abstract_with_shardings(abstract, shardings)
   replicated = sharding_lib.replicated(mesh)
   batch_sharding = sharding_lib.batch_sharding(mesh)
-  jitted = jax.jit(step_lib.make_train_step(config, train_def, tx, param_shardings=shardings['params'],
+  jitted = jax.jit(step_lib.make_train_step(config, train_def, recipe, param_shardings=shardings['params'],
                                             gathered=replicated),
-                   in_shardings=(shardings, batch_sharding, replicated, replicated),
+                   in_shardings=(shardings, batch_sharding, replicated, replicated, replicated),
                    out_shardings=(shardings, replicated), donate_argnums=(0,),
                    compiler_options=compile_options.compiler_options(config, 'train', platform=mesh_platform(mesh)))
   rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated)
   with jax.set_mesh(mesh):
     lowered = jitted.lower(state, _abstract_batch(config, global_batch, batch_sharding),
-                           _text_table(config, vocab_size, replicated), rng)
+                           _text_table(config, vocab_size, replicated), rng,
+                           jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=replicated),
+                                        recipe.numbers))
   return lowered, state_bytes(state)
 
 

@@ -83,7 +83,8 @@ def test_schedule_values_at_known_steps():
   s = optimizer.make_schedules(config.optim, steps_per_epoch=steps_per_epoch, total_steps=total)
   lr, lrf = config.optim.lr, config.optim.lrf
   lf = lambda e: 1 + (lrf - 1) * (1 - math.cos(math.pi * e / 300)) / 2
-  assert s.warmup_steps == 100  # max(round(3 * 10), 100)
+  numbers = optimizer.schedule_numbers(config.optim, steps_per_epoch=steps_per_epoch, total_steps=total)
+  assert numbers['warmup_steps'] == 100  # max(round(3 * 10), 100)
   np.testing.assert_allclose(float(s.lr(0)), 0.0)
   np.testing.assert_allclose(float(s.bias_lr(0)), 0.1)
   np.testing.assert_allclose(float(s.lr(50)), 0.5 * lr * lf(5), rtol=1e-5)
@@ -125,9 +126,10 @@ def test_num_steps_sets_total_and_epochs():
   config.train.num_steps = 250
   total = optimizer.total_train_steps(config.train, 100)
   s = optimizer.make_schedules(config.optim, steps_per_epoch=100, total_steps=total)
-  assert total == 250 and s.epochs == 2.5
+  numbers = optimizer.schedule_numbers(config.optim, steps_per_epoch=100, total_steps=total)
+  assert total == 250 and numbers['epochs'] == 2.5
   np.testing.assert_allclose(float(s.lr(250)), config.optim.lr * config.optim.lrf, rtol=1e-5)
-  assert s.warmup_steps == 100
+  assert numbers['warmup_steps'] == 100
   config.optim.warmup_epochs = 0.0
   assert optimizer.warmup_steps(config.optim, 100) == 0
 
@@ -170,6 +172,38 @@ def test_momentum_warmup_and_clipping_inside_one_transformation():
   np.testing.assert_allclose(state[1].inner_state.mu['w'],
                              b1 * 0.2 * np.array([0.3, 0.4, 0, 0]) + (1 - b1) * np.array([0, 0, 0.1, 0]),
                              rtol=1e-5)
+
+
+def test_schedule_numbers_are_arguments_of_one_program(toy):
+  """Two runs that differ in lr, schedule length, warmup and bias warmup lower to the same program when
+  the numbers are passed in (train/optimizer.py, "Numbers as arguments"), and that program gives each run
+  bitwise the updates of its own fixed transformation (where the numbers are constants)."""
+  params = nnx.state(toy, nnx.Param)
+  grads = jax.tree.map(lambda p: jnp.cos(jnp.arange(p.size, dtype=jnp.float32)).reshape(p.shape), params)
+  runs = [(_config(), 10, 100), (_config(lr=0.01, warmup_bias_lr=0.1, warmup_epochs=0.5, warmup_min_steps=3,
+                                          lrf=0.2), 7, 3000)]
+  recipes = [optimizer.make_recipe(c.optim, steps_per_epoch=spe, total_steps=total, params_tree=toy)
+             for c, spe, total in runs]
+  assert recipes[0].numbers['warmup_steps'] == 100 and recipes[1].numbers['warmup_steps'] == 4
+
+  def steps(recipe, numbers, n=5):
+    tx = recipe.transformation(numbers)
+    state, p, out = tx.init(params), params, []
+    for _ in range(n):
+      updates, state = tx.update(grads, state, p)
+      p = optax.apply_updates(p, updates)
+      out.append(updates)
+    return out
+
+  shared = jax.jit(lambda numbers: steps(recipes[0], numbers))
+  texts = [shared.lower(r.numbers).as_text() for r in recipes]
+  assert texts[0] == texts[1]
+  for recipe in recipes:
+    fixed = jax.jit(lambda: steps(recipe, recipe.numbers))()
+    for a, b in zip(jax.tree.leaves(shared(recipe.numbers)), jax.tree.leaves(fixed)):
+      np.testing.assert_array_equal(a, b)
+  first, second = shared(recipes[0].numbers), shared(recipes[1].numbers)
+  assert not np.array_equal(first[-1]['lin']['kernel'][...], second[-1]['lin']['kernel'][...])
 
 
 def test_works_with_nnx_optimizer(toy):

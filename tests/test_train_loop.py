@@ -49,7 +49,7 @@ def _fixed_batch(config):
 
 def _run_steps(config, mesh, batch, table, steps):
   setup = step_lib.setup_training(config, mesh, (('.*', ()),), make_tx=lambda model: (
-      optimizer_lib.make_optimizer(config.optim, steps_per_epoch=4, total_steps=100, params_tree=model)))
+      optimizer_lib.make_recipe(config.optim, steps_per_epoch=4, total_steps=100, params_tree=model)))
   state = setup.state
   batch_sharding = sharding_lib.batch_sharding(mesh)
   replicated = sharding_lib.replicated(mesh)
@@ -59,7 +59,8 @@ def _run_steps(config, mesh, batch, table, steps):
     global_batch = sharding_lib.global_batch_from_process_local(batch, batch_sharding)
     for _ in range(steps):
       state, metrics = step_fn(state, global_batch, jax.device_put(table, replicated),
-                               jax.device_put(jax.random.PRNGKey(0), replicated))
+                               jax.device_put(jax.random.PRNGKey(0), replicated),
+                               jax.device_put(setup.recipe.numbers, replicated))
       history.append(jax.device_get(metrics))
   return jax.device_get(state), history
 

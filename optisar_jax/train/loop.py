@@ -75,7 +75,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, coordinator_addres
 
   # ------------------------------------------------------------------------------ model + optimizer
   rules = tuple(tuple(rule) for rule in config.mesh.sharding_rules)
-  setup = step_lib.setup_training(config, mesh, rules, make_tx=lambda model: optimizer_lib.make_optimizer(
+  setup = step_lib.setup_training(config, mesh, rules, make_tx=lambda model: optimizer_lib.make_recipe(
       config.optim, steps_per_epoch=dataset.steps_per_epoch, total_steps=total_steps, params_tree=model))
   state, state_shardings = setup.state, setup.shardings
   schedules = optimizer_lib.make_schedules(
@@ -105,6 +105,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, coordinator_addres
   train_step = step_lib.jit_train_step(config, setup, mesh)
   text_table = jax.device_put(texts.table, replicated)
   base_rng = jax.device_put(jax.random.PRNGKey(config.seed), replicated)
+  numbers = jax.device_put(setup.recipe.numbers, replicated)   # the schedule's: arguments of the step
 
   # ----------------------------------------------------------------------------------------- loop
   writer = run_logging.MetricsWriter(workdir)
@@ -135,8 +136,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, coordinator_addres
         batch = next(batches)
         if compiled_step is None:   # compiled ahead of the first call, on every process before any runs it
           compiled_step = distributed.compile_together(train_step, state, batch, text_table, base_rng,
-                                                       name='train_step')
-        state, metrics = compiled_step(state, batch, text_table, base_rng)
+                                                       numbers, name='train_step')
+        state, metrics = compiled_step(state, batch, text_table, base_rng, numbers)
         step += 1
         steps_this_run += 1
         pending.append(metrics)

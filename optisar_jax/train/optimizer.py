@@ -36,6 +36,15 @@ b1(s) = warmup_momentum + (b1 - warmup_momentum) * min(s / n_w, 1).
 E = total_steps / steps_per_epoch: the config's `train.epochs`, or `train.num_steps / steps_per_epoch`
 when `train.num_steps > 0` (see `total_train_steps`).
 
+Numbers as arguments: the schedule's numbers (lr, lrf, epochs, steps per epoch, total and warmup steps, the
+warmup starts, b1) are not baked into the compiled train step. `make_recipe` returns the transformation as a
+function of them (`Recipe.transformation(numbers)`) and the run's values (`Recipe.numbers`, float32/int32
+scalars), which the train step takes as an argument. A learning-rate sweep, a longer or shorter schedule or
+a resumed run with a changed `train.num_steps` reuses the compiled step from the persistent compilation
+cache instead of recompiling (minutes for scale m on a TPU host; `jit` embeds Python numbers as constants,
+so every value would otherwise be a new program). Structural settings (the parameter groups, clipping on
+or off, b2, eps, weight decay) stay part of the program.
+
 Loss scale, clipping and eps: the reference multiplies each device's mean loss by its batch (8) and by the
 world size (8), so its gradients are 64x those of a loss normalised once over the global batch of 64, which
 is what optisar-jax computes. Its clip threshold 10 therefore corresponds to 10 / 64 here
@@ -47,10 +56,11 @@ the gradient scale except through eps, so the reference's eps 1e-8 corresponds t
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -78,59 +88,68 @@ def warmup_steps(optim_config, steps_per_epoch: int) -> int:
   return max(int(round(optim_config.warmup_epochs * steps_per_epoch)), int(optim_config.warmup_min_steps))
 
 
-def cosine_factor(epoch, lrf: float, epochs: float):
-  """lf(e) = 1 + (lrf - 1) * (1 - cos(pi * e / E)) / 2: 1 at e = 0, lrf at e = E."""
-  return 1.0 + (lrf - 1.0) * (1.0 - jnp.cos(jnp.pi * jnp.asarray(epoch, jnp.float32) / epochs)) / 2.0
-
-
 @dataclasses.dataclass(frozen=True)
 class Schedules:
   """Step -> value functions (jittable, also callable with Python ints for logging)."""
   lr: Callable[[Any], jax.Array]          # weights (decay and no_decay groups)
   bias_lr: Callable[[Any], jax.Array]     # bias group
   momentum: Callable[[Any], jax.Array]    # Adam b1 (constant unless optim.warmup_b1)
-  warmup_steps: int
-  epochs: float
-  steps_per_epoch: int
-  total_steps: int
 
 
-def make_schedules(optim_config, *, steps_per_epoch: int, total_steps: int) -> Schedules:
-  """The learning-rate and b1 schedules of the recipe (see the module docstring)."""
+def schedule_numbers(optim_config, *, steps_per_epoch: int, total_steps: int) -> dict[str, np.ndarray]:
+  """The numbers the schedules are made of, as float32 / int32 scalars (an argument of the train step):
+
+    lr, lrf_minus_1 (lrf - 1), epochs (E = total_steps / steps_per_epoch), steps_per_epoch, total_steps,
+    warmup_steps (n_w), bias_start (warmup_bias_lr), b1_start (the warmup's first b1: warmup_momentum
+    with optim.warmup_b1, else b1) and b1_delta (b1 - b1_start)
+  """
   if steps_per_epoch <= 0:
     raise ValueError(f'steps_per_epoch must be positive, got {steps_per_epoch}')
   if total_steps <= 0:
     raise ValueError(f'total_steps must be positive, got {total_steps}')
-  epochs = total_steps / steps_per_epoch
-  n_w = warmup_steps(optim_config, steps_per_epoch)
-  lr0, lrf = float(optim_config.lr), float(optim_config.lrf)
   b1 = float(optim_config.b1)
   b1_start = float(optim_config.warmup_momentum) if bool(optim_config.warmup_b1) else b1
-  bias_start = float(optim_config.warmup_bias_lr)
+  f32, i32 = np.float32, np.int32
+  return {
+      'lr': f32(optim_config.lr), 'lrf_minus_1': f32(float(optim_config.lrf) - 1.0),
+      'epochs': f32(total_steps / steps_per_epoch), 'steps_per_epoch': i32(steps_per_epoch),
+      'total_steps': i32(total_steps), 'warmup_steps': i32(warmup_steps(optim_config, steps_per_epoch)),
+      'bias_start': f32(optim_config.warmup_bias_lr), 'b1_start': f32(b1_start),
+      'b1_delta': f32(b1 - b1_start)}
+
+
+def schedules_from(numbers) -> Schedules:
+  """The learning-rate and b1 schedules of the recipe (module docstring) from `schedule_numbers(...)`,
+  concrete or traced."""
+  n = {key: jnp.asarray(value) for key, value in numbers.items()}
 
   def epoch_of(step):
     step = jnp.asarray(step, jnp.int32)
-    epoch = jnp.minimum(step // steps_per_epoch, epochs)
-    return jnp.where(step >= total_steps, epochs, epoch)  # the end is lrf even when E is fractional
+    epoch = jnp.minimum(step // n['steps_per_epoch'], n['epochs'])
+    return jnp.where(step >= n['total_steps'], n['epochs'], epoch)  # lrf at the end even when E is fractional
 
   def warmup_fraction(step):
-    if n_w == 0:
-      return jnp.ones((), jnp.float32)
-    return jnp.clip(jnp.asarray(step, jnp.float32) / n_w, 0.0, 1.0)
+    n_w = n['warmup_steps']
+    ramp = jnp.clip(jnp.asarray(step, jnp.float32) / jnp.maximum(n_w, 1), 0.0, 1.0)
+    return jnp.where(n_w > 0, ramp, jnp.ones((), jnp.float32))
 
   def make_lr(start):
     def schedule(step):
-      target = lr0 * cosine_factor(epoch_of(step), lrf, epochs)
+      epoch = jnp.asarray(epoch_of(step), jnp.float32)
+      factor = 1.0 + n['lrf_minus_1'] * (1.0 - jnp.cos(jnp.pi * epoch / n['epochs'])) / 2.0   # lf(e)
+      target = n['lr'] * factor
       return start + (target - start) * warmup_fraction(step)
     return schedule
 
   def momentum(step):
-    if b1_start == b1:
-      return jnp.full((), b1, jnp.float32)
-    return b1_start + (b1 - b1_start) * warmup_fraction(step)
+    return n['b1_start'] + n['b1_delta'] * warmup_fraction(step)
 
-  return Schedules(lr=make_lr(0.0), bias_lr=make_lr(bias_start), momentum=momentum, warmup_steps=n_w,
-                   epochs=epochs, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+  return Schedules(lr=make_lr(jnp.zeros((), jnp.float32)), bias_lr=make_lr(n['bias_start']), momentum=momentum)
+
+
+def make_schedules(optim_config, *, steps_per_epoch: int, total_steps: int) -> Schedules:
+  """The learning-rate and b1 schedules of the recipe (see the module docstring)."""
+  return schedules_from(schedule_numbers(optim_config, steps_per_epoch=steps_per_epoch, total_steps=total_steps))
 
 
 def _norm_param_paths(module: nnx.Module) -> tuple[dict[str, Any], set[str]]:
@@ -179,9 +198,26 @@ def _group_fn(params_tree, decay_gates: bool) -> Callable[[str], str]:
   return lambda name: param_group(name, norm, decay_gates=decay_gates)
 
 
-def make_optimizer(optim_config, *, steps_per_epoch: int, total_steps: int, params_tree=None
-                   ) -> optax.GradientTransformation:
-  """AdamW with the recipe's groups, warmup, cosine and clipping (module docstring) as one transformation.
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+  """A run's optimizer: `transformation(numbers)` builds the optax transformation from the schedule's
+  numbers (concrete or traced: the train step takes them as an argument), `numbers` are this run's."""
+  transformation: Callable[[Mapping[str, Any]], optax.GradientTransformation]
+  numbers: dict[str, np.ndarray]
+
+  @property
+  def tx(self) -> optax.GradientTransformation:
+    """The transformation with this run's numbers (for `init` and the abstract state)."""
+    return self.transformation(self.numbers)
+
+  @classmethod
+  def fixed(cls, tx: optax.GradientTransformation) -> 'Recipe':
+    """Any optax transformation as a recipe without numbers (its schedule is part of the program)."""
+    return cls(transformation=lambda numbers: tx, numbers={})
+
+
+def make_recipe(optim_config, *, steps_per_epoch: int, total_steps: int, params_tree=None) -> Recipe:
+  """AdamW with the recipe's groups, warmup, cosine and clipping (module docstring), as a `Recipe`.
 
   Args:
     optim_config: the config's `optim` section (lr, b1, b2, eps, weight_decay, decay_tgdg_gates, lrf,
@@ -195,8 +231,10 @@ def make_optimizer(optim_config, *, steps_per_epoch: int, total_steps: int, para
   The transformation works on any pytree of parameters (an nnx State of Params, a dict); groups are
   decided from each leaf's path, so `init`/`update` may be given the `nnx.Param` state directly.
   """
-  schedules = make_schedules(optim_config, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+  numbers = schedule_numbers(optim_config, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
   group_of = _group_fn(params_tree, bool(optim_config.decay_tgdg_gates))
+  clip_norm = float(optim_config.clip_norm or 0.0)
+  b2, eps, weight_decay = float(optim_config.b2), float(optim_config.eps), float(optim_config.weight_decay)
 
   def labels(params):
     return jax.tree_util.tree_map_with_path(lambda path, _: group_of(path_to_str(path)), params)
@@ -208,17 +246,25 @@ def make_optimizer(optim_config, *, steps_per_epoch: int, total_steps: int, para
   def lr_labels(params):
     return jax.tree.map(lambda group: 'bias' if group == GROUP_BIAS else 'weight', labels(params))
 
-  parts = []
-  if optim_config.clip_norm and optim_config.clip_norm > 0:
-    parts.append(optax.clip_by_global_norm(float(optim_config.clip_norm)))
-  parts += [
-      optax.inject_hyperparams(optax.scale_by_adam)(
-          b1=schedules.momentum, b2=float(optim_config.b2), eps=float(optim_config.eps)),
-      optax.add_decayed_weights(float(optim_config.weight_decay), mask=decay_mask),
-      optax.partition({'weight': optax.scale_by_learning_rate(schedules.lr),
-                       'bias': optax.scale_by_learning_rate(schedules.bias_lr)}, lr_labels),
-  ]
-  return optax.chain(*parts)
+  def transformation(numbers) -> optax.GradientTransformation:
+    schedules = schedules_from(numbers)
+    parts = [optax.clip_by_global_norm(clip_norm)] if clip_norm > 0 else []
+    parts += [
+        optax.inject_hyperparams(optax.scale_by_adam)(b1=schedules.momentum, b2=b2, eps=eps),
+        optax.add_decayed_weights(weight_decay, mask=decay_mask),
+        optax.partition({'weight': optax.scale_by_learning_rate(schedules.lr),
+                         'bias': optax.scale_by_learning_rate(schedules.bias_lr)}, lr_labels),
+    ]
+    return optax.chain(*parts)
+
+  return Recipe(transformation=transformation, numbers=numbers)
+
+
+def make_optimizer(optim_config, *, steps_per_epoch: int, total_steps: int, params_tree=None
+                   ) -> optax.GradientTransformation:
+  """The recipe's transformation with its numbers fixed (`make_recipe(...).tx`; arguments as there)."""
+  return make_recipe(optim_config, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+                     params_tree=params_tree).tx
 
 
 def schedule_values(schedules: Schedules, step: int) -> dict[str, float]:

@@ -8,8 +8,10 @@
      'opt_state': optax state,
      'ema': {'params': ..., 'rest': ...}}     EMA of params and BatchNorm statistics (evaluated, exported)
 
-`train_step(state, batch, text_table, rng) -> (state, metrics)` is jitted once with explicit
-in/out shardings and the state donated (see `jit_train_step`). Randomness (SSA dropout, MoE gate noise)
+`train_step(state, batch, text_table, rng, numbers) -> (state, metrics)` is jitted once with explicit
+in/out shardings and the state donated (see `jit_train_step`). `numbers` are the optimizer schedule's
+(`optimizer.Recipe.numbers`: lr, schedule length, warmup, ...), arguments rather than constants of the
+program, so runs that differ only in them share one compiled step. Randomness (SSA dropout, MoE gate noise)
 comes from `fold_in(rng, state['step'])`, so a resumed run draws exactly what an uninterrupted one draws.
 
 BatchNorm under sharding: the statistics are those of fixed groups of `model.bn_group_size` consecutive
@@ -40,6 +42,7 @@ from optisar_jax import platform as platform_lib
 from optisar_jax.grounding import GroundingModel, anchors_for, graphdefs_of
 from optisar_jax.train import ema as ema_lib
 from optisar_jax.train import losses
+from optisar_jax.train import optimizer as optimizer_lib
 
 TrainState = dict
 
@@ -74,16 +77,22 @@ def abstract_state(model: GroundingModel, tx: optax.GradientTransformation) -> T
 
 
 class TrainSetup(NamedTuple):
-  """What a training run needs from the model: the placed state and how to rebuild the model."""
+  """What a training run needs from the model: the placed state, the optimizer and how to rebuild the
+  model."""
   state: TrainState
   shardings: Any
-  tx: optax.GradientTransformation
+  recipe: optimizer_lib.Recipe
   train_graphdef: Any
   eval_graphdef: Any
 
+  @property
+  def tx(self) -> optax.GradientTransformation:
+    return self.recipe.tx
+
 
 def setup_training(config: ml_collections.ConfigDict, mesh, rules, *,
-                   make_tx: Callable[[GroundingModel], optax.GradientTransformation]) -> TrainSetup:
+                   make_tx: Callable[[GroundingModel], optimizer_lib.Recipe | optax.GradientTransformation]
+                   ) -> TrainSetup:
   """Builds the model once and returns its fresh state placed on `mesh` by the sharding `rules`.
 
   The initial values are computed eagerly on the host CPU (the modules draw them with numpy from the
@@ -91,19 +100,23 @@ def setup_training(config: ml_collections.ConfigDict, mesh, rules, *,
   on every process, and each device then receives only its shard (`make_array_from_callback`). The
   values do not depend on the device count. The host copy is dropped after placement (at 28M parameters
   it is ~0.5 GB with the optimizer moments, which every pod host can hold). `make_tx(model)` builds the
-  optimizer (it reads parameter groups from the model).
+  optimizer (it reads parameter groups from the model): an `optimizer.Recipe` (`optimizer.make_recipe`),
+  or any optax transformation, whose schedule is then part of the compiled step.
   """
   from optisar_jax.runtime import sharding as sharding_lib
   with jax.default_device(jax.local_devices(backend='cpu')[0]):
     model = GroundingModel(config, rngs=nnx.Rngs(config.seed))
-    tx = make_tx(model)
+    recipe = make_tx(model)
+    if not isinstance(recipe, optimizer_lib.Recipe):
+      recipe = optimizer_lib.Recipe.fixed(recipe)
+    tx = recipe.tx
     # One jitted program builds the optimizer and EMA state: eagerly, each zeros_like / copy of a new
     # shape is a separate compilation (about 170 of them, 4 s, for the tiny model).
     _, params, rest = nnx.split(model, nnx.Param, ...)
     host_state = jax.device_get(jax.jit(lambda p, r: _state_from(p, r, tx))(params, rest))
   train_def, eval_def = graphdefs_of(model)
   state, shardings = sharding_lib.place_state(host_state, mesh, rules)
-  return TrainSetup(state, shardings, tx, train_def, eval_def)
+  return TrainSetup(state, shardings, recipe, train_def, eval_def)
 
 
 def _tree_all_finite(tree) -> jax.Array:
@@ -144,13 +157,15 @@ def make_loss_and_grads(config: ml_collections.ConfigDict, train_graphdef, *, ga
   return loss_and_grads
 
 
-def make_train_step(config: ml_collections.ConfigDict, train_graphdef, tx: optax.GradientTransformation,
+def make_train_step(config: ml_collections.ConfigDict, train_graphdef, recipe: optimizer_lib.Recipe,
                     *, param_shardings=None, gathered=None) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
-  """Returns the pure `train_step(state, batch, text_table, rng)`.
+  """Returns the pure `train_step(state, batch, text_table, rng, numbers)`.
 
   batch: the pipeline's dict (docs/internals.md) as global jax.Arrays: image uint8 (B,S,S,3), boxes
   (B,M,4), box_slots (B,M), box_mask (B,M), text_ids (B,K), text_mask (B,K). text_table: (V,D) float32
-  embeddings (frozen text) or (V,L) int32 token ids (trainable tower), replicated.
+  embeddings (frozen text) or (V,L) int32 token ids (trainable tower), replicated. numbers: the
+  schedule's numbers (`recipe.numbers`, replicated scalars); `recipe.transformation(numbers)` is the
+  optimizer of the step.
 
   Sharded weights (FSDP rules): with `gathered` (the replicated sharding of the mesh) and
   `param_shardings` (the params' shardings), the forward pass uses each weight all-gathered whole and the
@@ -163,10 +178,12 @@ def make_train_step(config: ml_collections.ConfigDict, train_graphdef, tx: optax
 
   loss_and_grads = make_loss_and_grads(config, train_graphdef, gathered=gathered)
 
-  def train_step(state: TrainState, batch: dict[str, jax.Array], text_table: jax.Array, rng: jax.Array):
+  def train_step(state: TrainState, batch: dict[str, jax.Array], text_table: jax.Array, rng: jax.Array,
+                 numbers: dict[str, jax.Array]):
     loss, components, new_rest, grads = loss_and_grads(state, batch, text_table, rng)
     if param_shardings is not None:
       grads = jax.lax.with_sharding_constraint(grads, param_shardings)
+    tx = recipe.transformation(numbers)
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
     finite = jnp.isfinite(loss) & _tree_all_finite(grads)
@@ -199,11 +216,12 @@ def make_train_step(config: ml_collections.ConfigDict, train_graphdef, tx: optax
 
 def jit_train_step(config: ml_collections.ConfigDict, setup: TrainSetup, mesh):
   """The train step jitted once: the state sharded by the rules and donated, the batch split over the
-  mesh's data axes, the text table and the rng key replicated."""
+  mesh's data axes, the text table, the rng key and the schedule's numbers replicated."""
   from optisar_jax.runtime import sharding as sharding_lib
   replicated = sharding_lib.replicated(mesh)
-  return jax.jit(make_train_step(config, setup.train_graphdef, setup.tx, param_shardings=setup.shardings['params'],
-                                 gathered=replicated),
-                 in_shardings=(setup.shardings, sharding_lib.batch_sharding(mesh), replicated, replicated),
+  return jax.jit(make_train_step(config, setup.train_graphdef, setup.recipe,
+                                 param_shardings=setup.shardings['params'], gathered=replicated),
+                 in_shardings=(setup.shardings, sharding_lib.batch_sharding(mesh), replicated, replicated,
+                               replicated),
                  out_shardings=(setup.shardings, replicated), donate_argnums=(0,),
                  compiler_options=compile_options.compiler_options(config, 'train'))
