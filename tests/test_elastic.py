@@ -98,14 +98,15 @@ def test_checkpoint_without_input_state_resumes_the_data_at_its_step(synthetic_t
 def test_two_process_run_stopped_by_sigterm_resumes_on_one_process(synthetic_tfds, uninterrupted, tmp_path):
   """A 2-process run (2 CPU devices each) gets SIGTERM on both processes mid-run, as a preempted pod
   slice does; all processes stop at the same step k and save it (JAX's preemption sync point). Resumed by
-  1 process (4 devices), step k+1 sees the same weights and the same global batch as the 2-process run's
-  own step k+1 (the 2-process resume: a resume on the same topology is bitwise, tests/test_recovery.py), so
-  the losses agree to float32 reduction order (1e-5 relative)."""
+  1 process (8 devices: twice the 2 x 2 devices that wrote it), step k+1 sees the same weights and the
+  same global batch as the 2-process run's own step k+1 (the 2-process resume: a resume on the same
+  topology is bitwise, tests/test_recovery.py), so the losses agree to float32 reduction order (the 5e-5
+  bound of step 1 below)."""
   import signal
   from processes import finish_processes, start_processes
   from test_recovery import checkpoint_steps, wait_for_step
   common = ['scripts/train.py', '--config', 'configs/tiny.py', f'--config.data.data_dir={synthetic_tfds[1]}',
-            '--config.train.num_steps=16', '--config.train.checkpoint_every=100', '--config.train.log_every=1']
+            '--config.train.num_steps=10', '--config.train.checkpoint_every=100', '--config.train.log_every=1']
   multi = str(tmp_path / 'multi')
   procs = start_processes([[*common, '--workdir', multi]] * 2, tmp_path)
   try:
@@ -115,9 +116,9 @@ def test_two_process_run_stopped_by_sigterm_resumes_on_one_process(synthetic_tfd
   finally:
     logs = finish_processes(procs, tmp_path)
   saved = checkpoint_steps(multi)
-  assert len(saved) == 1 and 2 <= saved[0] < 16, (saved, logs[0][-2000:])
+  assert len(saved) == 1 and 2 <= saved[0] < 10, (saved, logs[0][-2000:])
   k = saved[0]
-  assert f'stopped at step {k} of 16' in logs[0]
+  assert f'stopped at step {k} of 10' in logs[0]
   # Step 1 of the 2 processes (4 rows of the global batch each) against 1 process of 8 devices (the
   # `uninterrupted` run; a loss is taken before its step's update, so the run lengths do not matter): the
   # same weights and batch, so only the order of float32 sums differs (bounds derived in
@@ -132,13 +133,13 @@ def test_two_process_run_stopped_by_sigterm_resumes_on_one_process(synthetic_tfd
   shutil.copytree(multi, single)
   run_processes([[*common, '--workdir', multi]] * 2, tmp_path)      # the original topology continues
   two = _rows(multi)
-  one = subprocess.run([sys.executable, *common, '--workdir', single], cwd=REPO, env=_env(4),
+  one = subprocess.run([sys.executable, *common, '--workdir', single], cwd=REPO, env=_env(8),
                        capture_output=True, text=True, timeout=900)
   assert one.returncode == 0, one.stderr[-3000:]
   assert 'resumed from' in one.stdout and f'at step {k}' in one.stdout
   resumed = _rows(single)
-  assert sorted(resumed) == sorted(two) == list(range(1, 17))
-  np.testing.assert_allclose(resumed[k + 1]['loss'], two[k + 1]['loss'], rtol=1e-5)
+  assert sorted(resumed) == sorted(two) == list(range(1, 11))
+  np.testing.assert_allclose(resumed[k + 1]['loss'], two[k + 1]['loss'], rtol=5e-5)
 
 
 def test_one_process_checkpoint_resumes_on_two_processes(synthetic_tfds, uninterrupted, tmp_path):
