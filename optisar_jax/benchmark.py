@@ -43,15 +43,19 @@ def peak_memory_bytes() -> int | None:
   return int(stats.get('peak_bytes_in_use', stats.get('bytes_in_use', 0)))
 
 
-def time_calls(fn: Callable[[], Any], *, warmup: int, repeats: int) -> list[float]:
-  """Wall-clock seconds of `repeats` calls of `fn` after `warmup` calls (each blocked until ready)."""
+def time_calls(fn: Callable[[], Any], *, warmup: int, repeats: int, calls_per_timing: int = 1) -> list[float]:
+  """Wall-clock seconds per call of `fn` after `warmup` calls, `repeats` times. Each timing is
+  `calls_per_timing` calls made back to back (dispatched asynchronously, as a training loop makes them)
+  and blocked until ready once at the end, divided by that count; 1 times each call on its own."""
   for _ in range(warmup):
     jax.block_until_ready(fn())
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
+    for _ in range(calls_per_timing - 1):
+      fn()
     jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
+    times.append((time.perf_counter() - start) / calls_per_timing)
   return times
 
 
@@ -184,8 +188,10 @@ def _peer(against: str, config, batch: int, imgsz: int, mode: str, threads: int 
 
 def bench_train_step(config, config_name: str, batch: int, imgsz: int, *, warmup: int, repeats: int,
                      against: str | None = None, threads: int | None = None,
-                     against_cpu_ynnpack: str | None = None) -> dict[str, Any]:
+                     against_cpu_ynnpack: str | None = None, calls_per_timing: int = 1) -> dict[str, Any]:
   """One optimizer step (forward, assigner, losses, backward, AdamW, EMA) on a random batch.
+
+  `calls_per_timing` > 1 times that many steps back to back per timing (see `time_calls`).
 
   `against_cpu_ynnpack`: also time the same step compiled with `xla.cpu_ynnpack_train` = that choice, on
   its own copy of the state, alternating in this process."""
@@ -250,8 +256,8 @@ def bench_train_step(config, config_name: str, batch: int, imgsz: int, *, warmup
                    peer_median_s=peer_stats['median_s'],
                    ratio=summarize(t_ours)['median_s'] / peer_stats['median_s'])
     else:
-      out = record('train_step', config_name, batch, imgsz, time_calls(ours, warmup=warmup, repeats=repeats),
-                   gflops)
+      out = record('train_step', config_name, batch, imgsz,
+                   time_calls(ours, warmup=warmup, repeats=repeats, calls_per_timing=calls_per_timing), gflops)
   out['images_per_s'] = batch / out['median_s']
   return out
 
@@ -408,7 +414,9 @@ def bench_loop(config, config_name: str, batch: int, imgsz: int, *, warmup: int,
   The loop trains a fresh run on a synthetic dataset of `num_images` images for (warmup + repeats)
   log intervals of `log_every` steps (no checkpoints but the last, no validation); its rate is the median
   of the logged `images_per_s` of the last `repeats` intervals. Then `bench_train_step` times the same
-  step on a fixed batch. `loop_vs_step` = loop images/s over bare-step images/s.
+  step on a fixed batch the way the loop runs it: `log_every` steps back to back per timing, one wait at
+  the end (a step timed on its own, blocked, also pays the dispatch the loop overlaps with the previous
+  step, and came out slower than the whole loop). `loop_vs_step` = loop images/s over bare-step images/s.
   """
   import tempfile
   import ml_collections
@@ -427,7 +435,8 @@ def bench_loop(config, config_name: str, batch: int, imgsz: int, *, warmup: int,
     loop.train(ml_collections.ConfigDict(config.to_dict()), workdir)
     rows = [r for r in run_logging.read_metrics(workdir) if 'images_per_s' in r]
   rates = [r['images_per_s'] for r in rows][-repeats:]
-  step = bench_train_step(config, config_name, batch, imgsz, warmup=2, repeats=max(3, repeats))
+  step = bench_train_step(config, config_name, batch, imgsz, warmup=2, repeats=max(3, repeats),
+                          calls_per_timing=log_every)
   out = record('loop', config_name, batch, imgsz, [batch / r for r in rates], step['gflops'],
                worker_count=int(config.data.worker_count), log_every=log_every)
   out['images_per_s'] = batch / out['median_s']
