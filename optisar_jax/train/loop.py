@@ -78,8 +78,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, coordinator_addres
   setup = step_lib.setup_training(config, mesh, rules, make_tx=lambda model: optimizer_lib.make_recipe(
       config.optim, steps_per_epoch=dataset.steps_per_epoch, total_steps=total_steps, params_tree=model))
   state, state_shardings = setup.state, setup.shardings
-  schedules = optimizer_lib.make_schedules(
-      config.optim, steps_per_epoch=dataset.steps_per_epoch, total_steps=total_steps)
+  schedules = optimizer_lib.schedules_from(setup.recipe.numbers)   # the logged lr: the step's own numbers
 
   distributed.barrier('setup')   # Orbax's manager syncs over gloo, which waits only 30 s for stragglers
   checkpointer = checkpoint_lib.TrainCheckpointer.from_config(workdir, config)
