@@ -399,14 +399,20 @@ def analyse(compiled, mesh, *, hbm_bytes: int | None) -> dict:
 
 @contextlib.contextmanager
 def _without_persistent_cache():
-  """Ahead-of-time executables for abstract devices can be neither stored in nor loaded from the
-  persistent compilation cache, and compile_s must time a real compile: keep the cache out."""
+  """Ahead-of-time executables for abstract devices are neither stored in nor loaded from the persistent
+  compilation cache (the scripts turn it on), and compile_s times a real compile. JAX decides whether a
+  process uses the cache once, at its first compilation, and keeps that answer: the flag alone would be
+  ignored (the executables were written to the cache and a second report would time a cache load), so
+  the decision is reset on the way in and out."""
+  from jax.experimental.compilation_cache import compilation_cache
   was = jax.config.jax_enable_compilation_cache
   jax.config.update('jax_enable_compilation_cache', False)
+  compilation_cache.reset_cache()
   try:
     yield
   finally:
     jax.config.update('jax_enable_compilation_cache', was)
+    compilation_cache.reset_cache()
 
 
 def compile_programs(config: ml_collections.ConfigDict, *, topology: str, per_chip_batch: int,
