@@ -91,15 +91,33 @@ def pytest_collection_modifyitems(config, items):
   items.sort(key=lambda item: (rank.get(item.path.name, len(rank)), order[id(item)]))
 
 
+def _build_once(tmp_path_factory, name: str, build) -> str:
+  """`build(path)` run once per test session, even with several pytest-xdist workers: the first worker to
+  get here builds under a file lock, the others wait and reuse the result. A worker that fails midway
+  leaves no `.done` mark, so the next one builds again from scratch. Returns the path (a str)."""
+  import filelock
+  base = tmp_path_factory.getbasetemp()
+  root = base.parent if os.environ.get('PYTEST_XDIST_WORKER') else base     # shared by the workers
+  target, done = root / name, root / f'{name}.done'
+  with filelock.FileLock(str(root / f'{name}.lock')):
+    if not done.exists():
+      shutil.rmtree(target, ignore_errors=True)
+      build(str(target))
+      done.touch()
+  return str(target)
+
+
 @pytest.fixture(scope='session')
 def synthetic_tfds(tmp_path_factory):
-  """A small synthetic OptSAR-RSVG release built into TFDS: (raw_dir, data_dir)."""
+  """A small synthetic OptSAR-RSVG release built into TFDS: (raw_dir, data_dir). Built once per session."""
   from optisar_jax.data import build_tfds, make_synthetic_dataset
-  root = tmp_path_factory.mktemp('synthetic')
-  raw, data_dir = str(root / 'raw'), str(root / 'tfds')
-  make_synthetic_dataset(raw, format='optsar', num_images=40, seed=3)
-  build_tfds('optsar_rsvg', raw, data_dir)
-  return raw, data_dir
+
+  def build(root):
+    make_synthetic_dataset(os.path.join(root, 'raw'), format='optsar', num_images=40, seed=3)
+    build_tfds('optsar_rsvg', os.path.join(root, 'raw'), os.path.join(root, 'tfds'))
+
+  root = _build_once(tmp_path_factory, 'synthetic', build)
+  return os.path.join(root, 'raw'), os.path.join(root, 'tfds')
 
 
 def tiny_config(data_dir, *overrides):
@@ -109,9 +127,9 @@ def tiny_config(data_dir, *overrides):
 
 @pytest.fixture(scope='session')
 def trained_tiny(synthetic_tfds, tmp_path_factory):
-  """A tiny run trained for 4 steps on the synthetic dataset: (workdir, config)."""
+  """A tiny run trained for 4 steps on the synthetic dataset: (workdir, config). Trained once per session
+  (about a minute) and shared by the workers: tests read it and copy it before changing anything."""
   from optisar_jax.train import loop
-  workdir = str(tmp_path_factory.mktemp('trained') / 'run')
   config = tiny_config(synthetic_tfds[1], 'train.num_steps=4', 'train.checkpoint_every=4')
-  loop.train(config, workdir)
-  return workdir, config
+  root = _build_once(tmp_path_factory, 'trained', lambda root: loop.train(config, os.path.join(root, 'run')))
+  return os.path.join(root, 'run'), config

@@ -41,7 +41,11 @@ def test_damaged_newest_checkpoint_is_set_aside_and_the_run_resumes_exactly(synt
   from optisar_jax.train import loop
   workdir = str(tmp_path / 'run')
   config = _config(synthetic_tfds[1])
-  loop.train(config, workdir, stop_after_steps=4)                 # checkpoints 2 and 4, as if preempted
+  # A run preempted after step 4: the uninterrupted run's checkpoints 2 and 4 (bitwise what the stopped
+  # run writes: tests/test_recovery.py), without step 6 and without its log.
+  shutil.copytree(uninterrupted, workdir)
+  shutil.rmtree(os.path.join(workdir, 'checkpoints', '6'))
+  os.remove(os.path.join(workdir, 'metrics.jsonl'))
   newest = os.path.join(workdir, 'checkpoints', '4')
   # A failing disk / an interrupted copy: the state's array data files cut to half their size (cutting only
   # the largest file of the checkpoint is not always fatal: it may be one the restore does not read).
@@ -59,7 +63,8 @@ def test_damaged_newest_checkpoint_is_set_aside_and_the_run_resumes_exactly(synt
   assert os.path.isdir(os.path.join(workdir, 'checkpoints_damaged', '4'))     # kept, not deleted
   assert 'resumed from' in out and 'at step 2' in out
   straight, resumed = _rows(uninterrupted), _rows(workdir)
-  for step in (3, 4, 5, 6):                                        # steps 3-4 were trained twice
+  assert sorted(resumed) == [3, 4, 5, 6]                           # steps 3-4 are trained again
+  for step in (3, 4, 5, 6):
     assert resumed[step]['loss'] == straight[step]['loss'], step  # bitwise: same weights, same batches
 
 

@@ -47,6 +47,12 @@ def _fixed_batch(config):
   return batch, table
 
 
+# Fitting one fixed batch: no dropout and no router noise, so that two runs differ only by what a test
+# changes; the float32 and bfloat16 tests share this program (one compilation for both).
+FIT_ONE_BATCH = ('optim.lr=0.004', 'optim.warmup_min_steps=1', 'model.tgdg.ssa_dropout=0.0',
+                 'model.moe.noisy_gating=False')
+
+
 def _run_steps(config, mesh, batch, table, steps):
   setup = step_lib.setup_training(config, mesh, (('.*', ()),), make_tx=lambda model: (
       optimizer_lib.make_recipe(config.optim, steps_per_epoch=4, total_steps=100, params_tree=model)))
@@ -132,7 +138,8 @@ def test_one_device_and_eight_device_mesh_give_the_same_step(synthetic_tfds):
 
 def test_bfloat16_training_tracks_float32(synthetic_tfds):
   """The tiny config trained in bf16 compute (the accelerator forms: cpu_forms off, float32 weight
-  gradients) against float32, fitting one batch for 3 steps.
+  gradients) against float32 (the CPU's forms: the same arithmetic to float32 rounding, 1e-7 against the
+  bound's 2u = 8e-3), fitting one batch for 3 steps.
 
   Tolerance, derived: at step 1 the losses differ only by the forward pass's rounding; every layer rounds
   its output to bf16 (unit roundoff u = 2^-8) and the loss, a mean over thousands of anchors, keeps at
@@ -150,9 +157,8 @@ def test_bfloat16_training_tracks_float32(synthetic_tfds):
                       devices=jax.devices()[:1])
   runs = {}
   for dtype in ('float32', 'bfloat16'):
-    config = tiny_config(synthetic_tfds[1], 'optim.lr=0.004', 'optim.warmup_min_steps=1',
-                         'model.tgdg.ssa_dropout=0.0', 'model.moe.noisy_gating=False',
-                         f'model.compute_dtype={dtype}', 'model.cpu_forms=off')
+    config = tiny_config(synthetic_tfds[1], *FIT_ONE_BATCH,
+                         *(() if dtype == 'float32' else ('model.compute_dtype=bfloat16', 'model.cpu_forms=off')))
     batch, table = _fixed_batch(config)
     _, history = _run_steps(config, one, batch, table, 3)
     runs[dtype] = np.array([float(h['loss']) for h in history])
@@ -165,7 +171,7 @@ def test_bfloat16_training_tracks_float32(synthetic_tfds):
 
 
 def test_loss_falls_when_fitting_one_batch(synthetic_tfds):
-  config = tiny_config(synthetic_tfds[1], 'optim.lr=0.004', 'optim.warmup_min_steps=1')
+  config = tiny_config(synthetic_tfds[1], *FIT_ONE_BATCH)     # the float32 program of the bf16 test above
   batch, table = _fixed_batch(config)
   one = jax.make_mesh((1, 1), ('data', 'fsdp'), axis_types=(jax.sharding.AxisType.Auto,) * 2,
                       devices=jax.devices()[:1])
