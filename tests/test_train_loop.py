@@ -138,8 +138,8 @@ def test_one_device_and_eight_device_mesh_give_the_same_step(synthetic_tfds):
 
 def test_bfloat16_training_tracks_float32(synthetic_tfds):
   """The tiny config trained in bf16 compute (the accelerator forms: cpu_forms off, float32 weight
-  gradients) against float32 (the CPU's forms: the same arithmetic to float32 rounding, 1e-7 against the
-  bound's 2u = 8e-3), fitting one batch for 3 steps.
+  gradients) against float32 (with the CPU's forms, which equal the accelerator forms up to float32
+  rounding, far below the bound's 2u = 8e-3), fitting one batch for 3 steps.
 
   Tolerance, derived: at step 1 the losses differ only by the forward pass's rounding; every layer rounds
   its output to bf16 (unit roundoff u = 2^-8) and the loss, a mean over thousands of anchors, keeps at

@@ -81,6 +81,13 @@ def _state_handler() -> ocp.PyTreeCheckpointHandler:
   return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
 
 
+def _state_restore(abstract, *, partial: bool = False) -> ocp.args.PyTreeRestore:
+  """Restore arguments of the `state` item: each leaf read onto its `jax.ShapeDtypeStruct`'s sharding;
+  `partial` reads only the keys of `abstract` (the rest of the saved tree is skipped)."""
+  return ocp.args.PyTreeRestore(item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+                                partial_restore=partial)
+
+
 def _manager(directory, options) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(directory, options=options, item_handlers={
       'state': _state_handler(), 'data': ocp.JsonCheckpointHandler(), 'config': ocp.JsonCheckpointHandler()})
@@ -231,9 +238,7 @@ class TrainCheckpointer:
     if step is None:
       raise FileNotFoundError(f'no checkpoint in {manager.directory}')
     restored = manager.restore(int(step), args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(item=abstract_state,
-                                     restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state)),
-        data=ocp.args.JsonRestore()))
+        state=_state_restore(abstract_state), data=ocp.args.JsonRestore()))
     data = restored['data']
     if isinstance(data, dict) and set(data) == {'per_process'}:     # written before the single form
       per_process = data['per_process']
@@ -302,9 +307,8 @@ class TrainCheckpointer:
       step = manager.best_step() if best else manager.latest_step()
     if step is None:
       raise FileNotFoundError(f'no checkpoint in {manager.directory}')
-    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_subtree)
-    restored = manager.restore(int(step), args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=abstract_subtree, restore_args=restore_args, partial_restore=True)))
+    restored = manager.restore(int(step), args=ocp.args.Composite(
+        state=_state_restore(abstract_subtree, partial=True)))
     return restored['state']
 
   def restore(self, step: int | None, abstract_state) -> tuple[Any, Any]:
