@@ -22,14 +22,18 @@ def _rows(workdir):
   return {r['step']: r for r in rows if 'loss' in r}      # a resumed run's rows replace the earlier ones
 
 
+NUM_STEPS = 8
+
+
 def _config(data_dir):
-  return tiny_config(data_dir, 'train.num_steps=6', 'train.checkpoint_every=2', 'train.log_every=1',
+  return tiny_config(data_dir, f'train.num_steps={NUM_STEPS}', 'train.checkpoint_every=2', 'train.log_every=1',
                      'train.keep_checkpoints=5')
 
 
 @pytest.fixture(scope='module')
 def uninterrupted(synthetic_tfds, tmp_path_factory):
-  """The tiny config trained 6 steps in one go (checkpoints at 2, 4, 6): the reference losses."""
+  """The tiny config trained 8 steps in one go on 8 devices (checkpoints at 2, 4, 6, 8): the reference
+  losses."""
   from optisar_jax.train import loop
   workdir = str(tmp_path_factory.mktemp('elastic') / 'straight')
   loop.train(_config(synthetic_tfds[1]), workdir)
@@ -42,9 +46,10 @@ def test_damaged_newest_checkpoint_is_set_aside_and_the_run_resumes_exactly(synt
   workdir = str(tmp_path / 'run')
   config = _config(synthetic_tfds[1])
   # A run preempted after step 4: the uninterrupted run's checkpoints 2 and 4 (bitwise what the stopped
-  # run writes: tests/test_recovery.py), without step 6 and without its log.
+  # run writes: tests/test_recovery.py), without steps 6 and 8 and without its log.
   shutil.copytree(uninterrupted, workdir)
-  shutil.rmtree(os.path.join(workdir, 'checkpoints', '6'))
+  for step in ('6', '8'):
+    shutil.rmtree(os.path.join(workdir, 'checkpoints', step))
   os.remove(os.path.join(workdir, 'metrics.jsonl'))
   newest = os.path.join(workdir, 'checkpoints', '4')
   # A failing disk / an interrupted copy: the state's array data files cut to half their size (cutting only
@@ -63,8 +68,8 @@ def test_damaged_newest_checkpoint_is_set_aside_and_the_run_resumes_exactly(synt
   assert os.path.isdir(os.path.join(workdir, 'checkpoints_damaged', '4'))     # kept, not deleted
   assert 'resumed from' in out and 'at step 2' in out
   straight, resumed = _rows(uninterrupted), _rows(workdir)
-  assert sorted(resumed) == [3, 4, 5, 6]                           # steps 3-4 are trained again
-  for step in (3, 4, 5, 6):
+  assert sorted(resumed) == list(range(3, NUM_STEPS + 1))          # steps 3-4 are trained again
+  for step in range(3, NUM_STEPS + 1):
     assert resumed[step]['loss'] == straight[step]['loss'], step  # bitwise: same weights, same batches
 
 
@@ -74,7 +79,8 @@ def test_checkpoint_without_input_state_resumes_the_data_at_its_step(synthetic_t
   workdir = str(tmp_path / 'run')
   shutil.copytree(uninterrupted, workdir)
   config = _config(synthetic_tfds[1])
-  shutil.rmtree(os.path.join(workdir, 'checkpoints', '6'))
+  for step in ('6', '8'):
+    shutil.rmtree(os.path.join(workdir, 'checkpoints', step))
   os.remove(os.path.join(workdir, 'metrics.jsonl'))
   # Rewrite checkpoint 4 without its input state (as a converted checkpoint or older code has it).
   import jax
@@ -83,7 +89,7 @@ def test_checkpoint_without_input_state_resumes_the_data_at_its_step(synthetic_t
   from optisar_jax.train import step as step_lib
   mesh = sharding_lib.make_mesh(config.mesh)
   setup = step_lib.setup_training(config, mesh, (('.*', ()),), make_tx=lambda model: optimizer_lib.make_optimizer(
-      config.optim, steps_per_epoch=1, total_steps=6, params_tree=model))
+      config.optim, steps_per_epoch=1, total_steps=NUM_STEPS, params_tree=model))
   abstract = sharding_lib.abstract_with_shardings(jax.eval_shape(lambda: setup.state), setup.shardings)
   checkpointer = checkpoint_lib.TrainCheckpointer.from_config(workdir, config, async_save=False)
   state, data_state = checkpointer.restore(4, abstract)
@@ -95,45 +101,59 @@ def test_checkpoint_without_input_state_resumes_the_data_at_its_step(synthetic_t
   checkpointer.close()
   loop.train(config, workdir)
   straight, resumed = _rows(uninterrupted), _rows(workdir)
-  assert sorted(resumed) == [5, 6]
-  for step in (5, 6):
-    assert resumed[step]['loss'] == straight[step]['loss'], step  # the batches of steps 5 and 6, not 1 and 2
+  assert sorted(resumed) == list(range(5, NUM_STEPS + 1))
+  for step in range(5, NUM_STEPS + 1):
+    assert resumed[step]['loss'] == straight[step]['loss'], step  # the batches of steps 5-8, not 1-4
 
 
-def test_two_process_run_stopped_by_sigterm_resumes_on_one_process(synthetic_tfds, uninterrupted, tmp_path):
-  """A 2-process run (2 CPU devices each) gets SIGTERM on both processes mid-run, as a preempted pod
-  slice does; all processes stop at the same step k and save it (JAX's preemption sync point). Resumed by
-  1 process (8 devices: twice the 2 x 2 devices that wrote it), step k+1 sees the same weights and the
-  same global batch as the 2-process run's own step k+1 (the 2-process resume: a resume on the same
-  topology is bitwise, tests/test_recovery.py), so the losses agree to float32 reduction order (the 5e-5
-  bound of step 1 below)."""
+def test_two_processes_resume_a_one_process_checkpoint_then_stop_on_sigterm_and_one_process_resumes(
+    synthetic_tfds, uninterrupted, tmp_path):
+  """Both directions of an elastic restart in one run, as pods restart:
+
+  * one -> two: the 1-process run's checkpoint 2 (8 devices) is resumed by 2 processes (2 CPU devices
+    each). Step 3 sees the same weights and the same global batch, so its loss equals the uninterrupted
+    run's to 1e-5: only the order of float32 sums differs.
+  * SIGTERM to both processes mid-run, as a preempted pod slice gets it: all processes stop at the same
+    step k and save it (JAX's preemption sync point).
+  * two -> one: resumed by 1 process (8 devices: twice the 2 x 2 devices that wrote it), step k+1 sees the
+    same weights and global batch as the 2-process run's own continuation (the original topology; a
+    resume on the same topology is bitwise, tests/test_recovery.py), so the losses agree to 5e-5.
+
+  Later steps are not compared across topologies: AdamW moves each weight by about +-lr whatever its
+  gradient's size, so a near-zero gradient element whose sign flips under reordering flips its update.
+  """
   import signal
   from processes import finish_processes, start_processes
   from test_recovery import checkpoint_steps, wait_for_step
-  common = ['scripts/train.py', '--config', 'configs/tiny.py', f'--config.data.data_dir={synthetic_tfds[1]}',
-            '--config.train.num_steps=10', '--config.train.checkpoint_every=100', '--config.train.log_every=1']
   multi = str(tmp_path / 'multi')
+  shutil.copytree(uninterrupted, multi)
+  for step in ('4', '6', '8'):
+    shutil.rmtree(os.path.join(multi, 'checkpoints', step))
+  os.remove(os.path.join(multi, 'metrics.jsonl'))
+  # No periodic checkpoint: the only new one is the SIGTERM's.
+  common = ['scripts/train.py', '--config', 'configs/tiny.py', f'--config.data.data_dir={synthetic_tfds[1]}',
+            f'--config.train.num_steps={NUM_STEPS}', '--config.train.checkpoint_every=100',
+            '--config.train.log_every=1']
   procs = start_processes([[*common, '--workdir', multi]] * 2, tmp_path)
   try:
-    wait_for_step(multi, 2, procs)
+    wait_for_step(multi, 3, procs)
     for proc in procs:
       proc.send_signal(signal.SIGTERM)
   finally:
     logs = finish_processes(procs, tmp_path)
+  assert 'resumed from' in logs[0] and 'at step 2' in logs[0], logs[0][-2000:]
   saved = checkpoint_steps(multi)
-  assert len(saved) == 1 and 2 <= saved[0] < 10, (saved, logs[0][-2000:])
-  k = saved[0]
-  assert f'stopped at step {k} of 10' in logs[0]
-  # Step 1 of the 2 processes (4 rows of the global batch each) against 1 process of 8 devices (the
-  # `uninterrupted` run; a loss is taken before its step's update, so the run lengths do not matter): the
-  # same weights and batch, so only the order of float32 sums differs (bounds derived in
-  # tests/test_train_loop.py: 5e-5 for the loss and its components, 5e-4 for the gradient norm). Later
-  # steps are not compared across topologies: AdamW moves each weight by about +-lr whatever its
-  # gradient's size, so a near-zero gradient element whose sign flips under reordering flips its update.
-  first, one = _rows(multi)[1], _rows(uninterrupted)[1]
-  for key in ('loss', 'box', 'cls', 'dfl', 'region', 'moe'):
-    np.testing.assert_allclose(first[key], one[key], rtol=5e-5, atol=1e-7, err_msg=key)
-  np.testing.assert_allclose(first['grad_norm'], one['grad_norm'], rtol=5e-4)
+  assert len(saved) == 2 and saved[0] == 2 and 3 <= saved[1] < NUM_STEPS, (saved, logs[0][-2000:])
+  k = saved[1]
+  assert f'stopped at step {k} of {NUM_STEPS}' in logs[0]
+  straight, two = _rows(uninterrupted), _rows(multi)
+  assert sorted(two) == list(range(3, k + 1))
+  # one -> two: bounds derived in tests/test_train_loop.py for the same weights and batch summed in
+  # another order (1e-5 is the issue's figure for the loss; 5e-5 the derived one for each component).
+  np.testing.assert_allclose(two[3]['loss'], straight[3]['loss'], rtol=1e-5)
+  for key in ('box', 'cls', 'dfl', 'region', 'moe'):
+    np.testing.assert_allclose(two[3][key], straight[3][key], rtol=5e-5, atol=1e-7, err_msg=key)
+
   single = str(tmp_path / 'single')
   shutil.copytree(multi, single)
   run_processes([[*common, '--workdir', multi]] * 2, tmp_path)      # the original topology continues
@@ -143,23 +163,5 @@ def test_two_process_run_stopped_by_sigterm_resumes_on_one_process(synthetic_tfd
   assert one.returncode == 0, one.stderr[-3000:]
   assert 'resumed from' in one.stdout and f'at step {k}' in one.stdout
   resumed = _rows(single)
-  assert sorted(resumed) == sorted(two) == list(range(1, 11))
+  assert sorted(resumed) == sorted(two) == list(range(3, NUM_STEPS + 1))
   np.testing.assert_allclose(resumed[k + 1]['loss'], two[k + 1]['loss'], rtol=5e-5)
-
-
-def test_one_process_checkpoint_resumes_on_two_processes(synthetic_tfds, uninterrupted, tmp_path):
-  """Written by 1 process (8 devices), resumed by 2 processes (2 CPU devices each) from step 2: step 3
-  sees the same weights and global batch, so its loss equals the uninterrupted run's to 1e-5."""
-  resumed = str(tmp_path / 'resumed')
-  shutil.copytree(uninterrupted, resumed)
-  for step in ('4', '6'):
-    shutil.rmtree(os.path.join(resumed, 'checkpoints', step))
-  os.remove(os.path.join(resumed, 'metrics.jsonl'))
-  common = ['scripts/train.py', '--config', 'configs/tiny.py', f'--config.data.data_dir={synthetic_tfds[1]}',
-            '--config.train.num_steps=6', '--config.train.checkpoint_every=2', '--config.train.log_every=1',
-            '--config.train.keep_checkpoints=5', '--workdir', resumed]
-  logs = run_processes([common] * 2, tmp_path)
-  assert 'resumed from' in logs[0] and 'at step 2' in logs[0]
-  straight, again = _rows(uninterrupted), _rows(resumed)
-  assert sorted(again) == [3, 4, 5, 6]
-  np.testing.assert_allclose(again[3]['loss'], straight[3]['loss'], rtol=1e-5)
