@@ -24,6 +24,9 @@ is set.
 
 from __future__ import annotations
 
+import contextlib
+import gc
+
 import jax
 import ml_collections
 
@@ -49,3 +52,26 @@ def compiler_options(config: ml_collections.ConfigDict, program: str, *, platfor
   if fusion_types is None or (platform or jax.default_backend()) != 'cpu':
     return None
   return {'xla_cpu_experimental_ynn_fusion_type': fusion_types}
+
+
+# Allocations between two young-generation passes of Python's cyclic garbage collector while a program is
+# traced (the default is 700).
+TRACING_GC_THRESHOLD = 50_000
+
+
+@contextlib.contextmanager
+def fewer_gc_passes():
+  """Python's garbage collector with a larger young generation (`TRACING_GC_THRESHOLD`) inside the block.
+
+  Tracing and lowering a model allocate millions of short-lived objects, and every 700 allocations the
+  collector scans the young objects, most of them still alive inside the trace, and every few scans the
+  older generations too. With a threshold of 50,000 the tiny train step's `lower` took 4.6-4.9 s instead
+  of 5.6-5.8 s (2-core x86 CPU, alternating runs); the traced program is the same. The old thresholds
+  come back on exit.
+  """
+  old = gc.get_threshold()
+  gc.set_threshold(max(TRACING_GC_THRESHOLD, old[0]), *old[1:])
+  try:
+    yield
+  finally:
+    gc.set_threshold(*old)

@@ -31,6 +31,8 @@ from typing import Any
 
 import jax
 
+from optisar_jax.runtime import compile_options
+
 logger = logging.getLogger(__name__)
 
 _initialized = False
@@ -120,9 +122,12 @@ def compile_together(jitted, *args: Any, name: str, timeout_s: int = DEFAULT_BAR
   """`jitted.lower(*args).compile()`, returned once EVERY process has compiled it.
 
   Call the returned `jax.stages.Compiled` instead of `jitted` (same shardings, same donation): its first
-  collective then finds all processes ready. Single process: just the compilation.
+  collective then finds all processes ready. Single process: just the compilation. The trace runs with
+  `compile_options.fewer_gc_passes()`.
   """
-  compiled = jitted.lower(*args).compile()
+  with compile_options.fewer_gc_passes():
+    lowered = jitted.lower(*args)
+  compiled = lowered.compile()
   barrier(f'{name}.compiled', timeout_s)
   return compiled
 
