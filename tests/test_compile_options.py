@@ -67,3 +67,18 @@ def test_kernels_change_not_the_result(choice):
   for a, b in zip(default(x, w, m), limited(x, w, m)):
     a, b = np.asarray(a), np.asarray(b)
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * np.abs(a).max())
+
+
+def test_fewer_gc_passes_raises_the_young_threshold_only_inside_and_restores_it_after_an_error():
+  import gc
+  before = gc.get_threshold()
+  with compile_options.fewer_gc_passes():
+    inside = gc.get_threshold()
+    lowered = jax.jit(lambda x: x * 2 + 1).lower(jnp.ones(3))     # a trace inside the block works as usual
+  assert inside == (max(compile_options.TRACING_GC_THRESHOLD, before[0]), *before[1:])
+  assert gc.get_threshold() == before
+  assert 'multiply' in lowered.as_text()
+  with pytest.raises(RuntimeError):
+    with compile_options.fewer_gc_passes():
+      raise RuntimeError('a failed trace')
+  assert gc.get_threshold() == before
