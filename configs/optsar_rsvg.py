@@ -57,6 +57,7 @@ def get_config():
   c.data.augment.hsv_h = 0.015
   c.data.augment.hsv_s = 0.7
   c.data.augment.hsv_v = 0.4
+  c.data.augment.hsv_on_device = True     # the train step applies the gains (data/device_hsv.py), not the host
   c.data.augment.fliplr = 0.5
   c.data.augment.flipud = 0.0
   c.data.augment.rewrite_directions_on_flip = True  # deviation 11.1 (False = reference)

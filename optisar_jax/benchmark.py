@@ -218,7 +218,8 @@ def bench_train_step(config, config_name: str, batch: int, imgsz: int, *, warmup
       'image': random_images(batch, imgsz), 'boxes': np.concatenate([xy, xy + wh], -1).astype(np.float32),
       'box_slots': rng.integers(0, k, (batch, m)).astype(np.int32),
       'box_mask': (np.arange(m)[None] < 4).repeat(batch, 0), 'text_ids': np.tile(np.arange(k, dtype=np.int32), (batch, 1)),
-      'text_mask': np.ones((batch, k), bool), 'domain': np.zeros((batch,), np.int32)}
+      'text_mask': np.ones((batch, k), bool), 'domain': np.zeros((batch,), np.int32),
+      'hsv_gains': (1 + rng.uniform(-1, 1, (batch, 3)) * 0.5).astype(np.float32)}
   if config.text.mode == 'trainable':
     table = rng.integers(3, int(config.text.tower.vocab_size), (k, int(config.text.tower.context_length))).astype(np.int32)
   else:

@@ -280,7 +280,7 @@ def _abstract_batch(config, global_batch: int, sharding) -> dict:
   return {'image': a((global_batch, s, s, 3), jnp.uint8), 'boxes': a((global_batch, m, 4), jnp.float32),
           'box_slots': a((global_batch, m), jnp.int32), 'box_mask': a((global_batch, m), jnp.bool_),
           'text_ids': a((global_batch, k), jnp.int32), 'text_mask': a((global_batch, k), jnp.bool_),
-          'domain': a((global_batch,), jnp.int32)}
+          'domain': a((global_batch,), jnp.int32), 'hsv_gains': a((global_batch, 3), jnp.float32)}
 
 
 def _text_table(config, vocab_size: int, sharding):

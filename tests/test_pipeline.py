@@ -70,9 +70,14 @@ def test_batch_contract():
   batch = next(iter(ds))
   expected = {'image': ((B, S, S, 3), np.uint8), 'boxes': ((B, M, 4), np.float32),
               'box_slots': ((B, M), np.int32), 'box_mask': ((B, M), np.bool_),
-              'text_ids': ((B, K), np.int32), 'text_mask': ((B, K), np.bool_), 'domain': ((B,), np.int32)}
+              'text_ids': ((B, K), np.int32), 'text_mask': ((B, K), np.bool_), 'domain': ((B,), np.int32),
+              'hsv_gains': ((B, 3), np.float32)}
+  assert set(batch) == set(expected)
   for key, (shape, dtype) in expected.items():
     assert batch[key].shape == shape and batch[key].dtype == dtype, key
+  # The colour jitter is left to the train step (data.augment.hsv_on_device): the recipe's gains ride along.
+  assert cfg.data.augment.hsv_on_device
+  assert np.all(np.abs(batch['hsv_gains'] - 1) <= np.float32([0.015, 0.7, 0.4])) and (batch['hsv_gains'] != 1).any()
   for step in range(4):
     b = ds.batch_at(step)
     assert ((b['text_ids'] >= 0) & (b['text_ids'] < len(vocab))).all()

@@ -17,7 +17,10 @@ Reference behaviour (docs/training-and-data.md section 6.2, Ultralytics 8.3-era)
   aspect < max_aspect_ratio and new area / (old area * scale^2) > min_area_ratio.
 * HSV jitter with gains ~ 1 + U[-1, 1] * (hsv_h, hsv_s, hsv_v) (hue multiplied modulo 180 in OpenCV units,
   saturation and value multiplied and clipped), applied through a 33^3 colour look-up table with trilinear
-  interpolation (Pillow's Color3DLUT, mean error < 0.1 grey level against the exact transform).
+  interpolation (Pillow's Color3DLUT, mean error < 0.1 grey level against the exact transform). With
+  `hsv_on_device` (the configs' default) the gains are drawn here from the same stream but the pixels are
+  left alone: the sample carries the gains and the train step applies the exact transform
+  (`device_hsv.py`), which takes the most expensive step of the input off the host.
 * Horizontal flip with p = fliplr and vertical flip with p = flipud; with `rewrite_directions_on_flip` the
   captions are rewritten (`text_swaps.flip_rewrite`, deviation 11.1).
 
@@ -65,12 +68,15 @@ class Sample:
     labels: int64 (n,) index into `texts` of each box's caption.
     texts: the sample's distinct captions.
     domain: 0 optical, 1 SAR.
+    hsv_gains: float32 (3,) HSV gains the train step still has to apply to `image` (`hsv_on_device`),
+      None when the image is final.
   """
   image: np.ndarray
   boxes: np.ndarray
   labels: np.ndarray
   texts: list
   domain: int = 0
+  hsv_gains: np.ndarray | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +95,7 @@ class AugmentConfig:
   hsv_h: float = 0.015
   hsv_s: float = 0.7
   hsv_v: float = 0.4
+  hsv_on_device: bool = False      # True: draw the gains, return them in Sample.hsv_gains, leave the pixels
   fliplr: float = 0.5
   flipud: float = 0.0
   rewrite_directions_on_flip: bool = True
@@ -611,8 +618,12 @@ def augment_sample(samples: Sequence[Sample], rng: np.random.Generator, cfg: Aug
     image = _render_axis_aligned(tiles, MF, S, fill)
   else:
     image = _render_general(tiles, canvas_size, MF, S, fill)
+  device_gains = None
   if cfg.hsv_h or cfg.hsv_s or cfg.hsv_v:
-    image = hsv_jitter(image, gains)
+    if cfg.hsv_on_device:
+      device_gains = gains.astype(np.float32)
+    else:
+      image = hsv_jitter(image, gains)
 
   new_boxes = transform_boxes(boxes, MF, S)
   keep = box_candidates(boxes * scale, new_boxes, cfg)
@@ -624,4 +635,4 @@ def augment_sample(samples: Sequence[Sample], rng: np.random.Generator, cfg: Aug
     if vflip:
       texts = [text_swaps.flip_rewrite(t, horizontal=False) for t in texts]
   return Sample(np.asarray(image), new_boxes.astype(np.float32), labels.astype(np.int64), texts,
-                int(samples[0].domain))
+                int(samples[0].domain), device_gains)

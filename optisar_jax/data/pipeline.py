@@ -164,7 +164,8 @@ class _BatchBuilder:
     box_mask = np.zeros((M,), bool)
     box_mask[:n] = True
     return {'image': out.image, 'boxes': padded_boxes, 'box_slots': box_slots, 'box_mask': box_mask,
-            'text_ids': slots.text_ids, 'text_mask': slots.text_mask, 'domain': np.int32(out.domain)}
+            'text_ids': slots.text_ids, 'text_mask': slots.text_mask, 'domain': np.int32(out.domain),
+            'hsv_gains': (out.hsv_gains if out.hsv_gains is not None else np.ones(3, np.float32))}
 
   def batch(self, step: int) -> dict:
     """This process's rows of global step `step`, stacked (computed directly in this thread)."""

@@ -39,6 +39,7 @@ from flax import nnx
 
 from optisar_jax.runtime import compile_options
 from optisar_jax import platform as platform_lib
+from optisar_jax.data import device_hsv
 from optisar_jax.grounding import GroundingModel, anchors_for, graphdefs_of
 from optisar_jax.train import ema as ema_lib
 from optisar_jax.train import losses
@@ -125,6 +126,16 @@ def _tree_all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
+def model_images(batch: dict[str, jax.Array], compute_dtype, *, hsv_on_device: bool) -> jax.Array:
+  """The images the model trains on: `batch['image']` (uint8 (B, S, S, 3)) with the augmentation's HSV
+  gains `batch['hsv_gains']` (B, 3) applied when `hsv_on_device` (`device_hsv.enabled(config.data)`),
+  scaled to [0, 1] in `compute_dtype`."""
+  images = batch['image']
+  if hsv_on_device:
+    images = device_hsv.apply_hsv_gains(images, batch['hsv_gains'])
+  return images.astype(compute_dtype) / 255.0
+
+
 def make_loss_and_grads(config: ml_collections.ConfigDict, train_graphdef, *, gathered=None
                         ) -> Callable[..., tuple[jax.Array, dict, Any, Any]]:
   """Returns the pure `loss_and_grads(state, batch, text_table, rng) -> (loss, components, new_rest,
@@ -134,10 +145,11 @@ def make_loss_and_grads(config: ml_collections.ConfigDict, train_graphdef, *, ga
   them across device counts. Arguments as in `make_train_step`."""
   loss_config = config.loss
   compute_dtype = jnp.dtype(platform_lib.compute_dtype(config.model))
+  hsv_on_device = device_hsv.enabled(config.data)
 
   def loss_and_grads(state: TrainState, batch: dict[str, jax.Array], text_table: jax.Array, rng: jax.Array):
     step_rng = jax.random.fold_in(rng, state['step'])
-    images = batch['image'].astype(compute_dtype) / 255.0
+    images = model_images(batch, compute_dtype, hsv_on_device=hsv_on_device)
     points, strides = anchors_for(config)
 
     def loss_fn(params):
