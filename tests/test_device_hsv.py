@@ -101,6 +101,9 @@ def test_the_step_applies_the_gains_exactly_when_the_config_says():
   other = load_config('tiny')
   other.data.augment.hsv_h = other.data.augment.hsv_s = other.data.augment.hsv_v = 0.0
   assert not device_hsv.enabled(other.data)
+  del other.data.augment['hsv_on_device']
+  with pytest.raises(KeyError, match="'data.augment.hsv_on_device' does not exist"):
+    device_hsv.enabled(other.data)
 
   batch = {'image': jnp.asarray(_images(3, seed=3)), 'hsv_gains': jnp.asarray(GAINS)}
   jittered = step_lib.model_images(batch, jnp.float32, hsv_on_device=True)

@@ -22,12 +22,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from optisar_jax.data.vocabulary import config_value
+
 
 def enabled(data_config) -> bool:
   """True when the train step must apply HSV gains: augmentation on, `data.augment.hsv_on_device` set and
   at least one of `data.augment.hsv_{h,s,v}` nonzero (a static property of the config)."""
-  aug = data_config.augment
-  return bool(aug.enabled and aug.hsv_on_device and (aug.hsv_h or aug.hsv_s or aug.hsv_v))
+  value = lambda key: config_value(data_config, 'augment.' + key)
+  return bool(value('enabled') and value('hsv_on_device')
+              and (value('hsv_h') or value('hsv_s') or value('hsv_v')))
 
 
 def apply_hsv_gains(images: jax.Array, gains: jax.Array) -> jax.Array:
