@@ -3,10 +3,13 @@
 import colorsys
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
+from optisar_jax import compile_report, grounding
 from optisar_jax.config import load_config
 from optisar_jax.data import augment as A
 from optisar_jax.data import device_hsv
@@ -40,7 +43,7 @@ def test_device_hsv_is_the_exact_hsv_transform():
   assert out.dtype == np.float32 and out.shape == images.shape
   for i in range(3):
     diff = np.abs(out[i] - _exact(images[i], GAINS[i]))
-    assert diff.max() <= 1 and (diff == 0).mean() >= 0.98, i
+    assert diff.max() <= 1 and (diff == 0).mean() >= 0.97, i
 
 
 def test_unit_gains_return_the_image_levels():
@@ -74,11 +77,13 @@ def test_augment_sample_leaves_the_colour_to_the_step_with_the_same_gains():
   that the host form applies."""
   recipe = A.AugmentConfig(imgsz=64, fliplr=0.5, hsv_h=0.015, hsv_s=0.7, hsv_v=0.4)
   for seed in range(4):
-    host = A.augment_sample([_object_sample()], np.random.default_rng(seed), recipe)
-    deferred = A.augment_sample([_object_sample()], np.random.default_rng(seed),
-                                dataclasses.replace(recipe, hsv_on_device=True))
-    plain = A.augment_sample([_object_sample()], np.random.default_rng(seed),
+    rngs = [np.random.default_rng(seed) for _ in range(3)]
+    host = A.augment_sample([_object_sample()], rngs[0], recipe)
+    deferred = A.augment_sample([_object_sample()], rngs[1], dataclasses.replace(recipe, hsv_on_device=True))
+    plain = A.augment_sample([_object_sample()], rngs[2],
                              dataclasses.replace(recipe, hsv_h=0.0, hsv_s=0.0, hsv_v=0.0))
+    # The pipeline draws the text slots from the same generator next: all three must leave it alike.
+    assert len({tuple(r.integers(0, 2**31, 4)) for r in rngs}) == 1, seed
     assert host.hsv_gains is None and plain.hsv_gains is None
     assert deferred.hsv_gains.dtype == np.float32 and deferred.hsv_gains.shape == (3,)
     assert np.all(np.abs(deferred.hsv_gains - 1) <= np.float32([0.015, 0.7, 0.4]))
@@ -114,3 +119,28 @@ def test_the_step_applies_the_gains_exactly_when_the_config_says():
   assert np.abs(np.asarray(jittered) - np.asarray(plain)).max() > 0.1
   with pytest.raises(KeyError, match='hsv_gains'):
     step_lib.model_images({'image': batch['image']}, jnp.float32, hsv_on_device=True)
+
+
+
+@pytest.mark.slow
+def test_the_train_steps_loss_applies_the_gains(monkeypatch):
+  """The wiring: `make_loss_and_grads` hands the batch's gains to `apply_hsv_gains` when the config says so
+  and not otherwise (traced with jax.eval_shape on abstract arguments; nothing is compiled, but the two
+  traces of the model take 10-25 s)."""
+  calls = []
+  real = device_hsv.apply_hsv_gains
+  monkeypatch.setattr(device_hsv, 'apply_hsv_gains',
+                      lambda images, gains: calls.append(gains.shape) or real(images, gains))
+  for on in (True, False):
+    config = load_config('tiny')
+    config.data.augment.hsv_on_device = on
+    model = grounding.abstract_model(config)
+    train_def, _ = grounding.graphdefs_of(model)
+    _, params, rest = nnx.split(model, nnx.Param, ...)
+    state = {'params': params, 'rest': rest, 'step': jax.ShapeDtypeStruct((), jnp.int32)}
+    batch_size = int(config.train.batch_size)
+    calls.clear()
+    jax.eval_shape(step_lib.make_loss_and_grads(config, train_def), state,
+                   compile_report._abstract_batch(config, batch_size, None),
+                   compile_report._text_table(config, 16, None), jax.ShapeDtypeStruct((2,), jnp.uint32))
+    assert calls == ([(batch_size, 3)] if on else []), on

@@ -67,7 +67,7 @@ def test_benchmark_input_against_workers():
   assert out.returncode == 0, out.stderr[-2000:]
   result = json.loads(out.stdout.strip().splitlines()[-1])
   assert (result['what'], result['batch'], result['imgsz'], result['worker_count']) == ('input', 4, 64, 0)
-  assert result['repeats'] == 2 and result['batches_per_round'] == 6
+  assert result['repeats'] == 2 and result['batches_per_round'] == 6 and result['hsv_on_device'] is True
   assert result['images_per_s'] == pytest.approx(4 / result['median_s'])
   one = result['by_workers']['1']
   assert result['peer'] == 'data.worker_count=1' and result['peer_median_s'] == one['median_s']

@@ -36,7 +36,8 @@ Resampling (`data.resize`):
   clamped to the edge pixels; the training warp (`warp_bilinear`, as `cv2.warpAffine` /
   `cv2.warpPerspective` with a constant border) samples the canvas at M^-1 (X, Y) of each output pixel
   index; the flips mirror the warped image (`np.fliplr`), all in the reference's order: long-side resize,
-  canvas, warp, HSV, flip. The resize reproduces OpenCV's fixed-point arithmetic; the warp uses exact
+  canvas, warp, HSV, flip (with `hsv_on_device` the HSV runs after the flip, in the train step: the two
+  commute). The resize reproduces OpenCV's fixed-point arithmetic; the warp uses exact
   float32 weights where OpenCV rounds coordinates to 1/32 pixel, so a rotated warp can differ from
   OpenCV's by a grey level on a few pixels (docs/architecture.md).
 """

@@ -3,7 +3,7 @@
 The reference (and `augment.hsv_jitter`, the host form) multiplies each pixel's hue (modulo 180 in
 OpenCV units, 6 sectors here), saturation and value by per-image gains drawn with the rest of the
 augmentation. On the host this is the most expensive step of the input at 640 px: PIL's 3D colour
-table costs about 10 ms of one core per image, half of the whole per-image input
+table costs about 10 ms of one core per image, 60 % of the whole per-image input
 (docs/benchmarks.md, "Input pipeline"). With `data.augment.hsv_on_device` the pipeline draws the same
 gains from the same random stream, leaves the pixels alone and ships the gains in the batch
 (`hsv_gains`, float32 (B, 3)); the train step applies them here, a few dozen elementwise operations per
@@ -11,8 +11,9 @@ pixel, negligible beside the model's ~250 GFLOP per image.
 
 The arithmetic is the host colour table's own (`augment.hsv_table`), evaluated at every pixel instead of
 at the 33^3 grid points PIL interpolates between, then rounded to whole 0..255 levels as the host's
-uint8 image is. The two forms differ by the table's interpolation error (at most a few levels; measured
-in tests/test_augment.py). The hue, saturation and value gains of a whole batch are data, so one
+uint8 image is. The two forms differ by the table's interpolation error (a quarter of a level on
+average, up to 18 levels where a hue crosses a table cell, for the recipe's extreme gains; measured in
+tests/test_device_hsv.py). The hue, saturation and value gains of a whole batch are data, so one
 compiled step serves every batch; HSV and the flips commute, so applying the colour after the flips
 gives the reference's order's result.
 """

@@ -4,7 +4,9 @@ Training (`make_train_dataset`) yields fixed-shape batches, leading axis = this 
 global batch G = `train.batch_size` (docs/internals.md, "Training batch"):
 
   image uint8 (B,S,S,3), boxes float32 (B,M,4) xyxy canvas pixels, box_slots int32 (B,M),
-  box_mask bool (B,M), text_ids int32 (B,K), text_mask bool (B,K), domain int32 (B,)
+  box_mask bool (B,M), text_ids int32 (B,K), text_mask bool (B,K), domain int32 (B,),
+  hsv_gains float32 (B,3) (the HSV gains the train step applies with data.augment.hsv_on_device; ones
+  otherwise)
 
 Determinism and sharding. Global step s, row j of the global batch (0 <= j < G) is the sample at
 position q = (s - e * steps_per_epoch) * G + j of epoch e = s // steps_per_epoch, i.e. record

@@ -174,7 +174,8 @@ def make_train_step(config: ml_collections.ConfigDict, train_graphdef, recipe: o
   """Returns the pure `train_step(state, batch, text_table, rng, numbers)`.
 
   batch: the pipeline's dict (docs/internals.md) as global jax.Arrays: image uint8 (B,S,S,3), boxes
-  (B,M,4), box_slots (B,M), box_mask (B,M), text_ids (B,K), text_mask (B,K). text_table: (V,D) float32
+  (B,M,4), box_slots (B,M), box_mask (B,M), text_ids (B,K), text_mask (B,K), hsv_gains (B,3) (applied
+  to the images when `data.augment.hsv_on_device`, `model_images`). text_table: (V,D) float32
   embeddings (frozen text) or (V,L) int32 token ids (trainable tower), replicated. numbers: the
   schedule's numbers (`recipe.numbers`, replicated scalars); `recipe.transformation(numbers)` is the
   optimizer of the step.
