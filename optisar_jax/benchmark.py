@@ -410,43 +410,91 @@ def bench_input(config, config_name: str, batch: int, imgsz: int, *, warmup: int
   return out
 
 
+class _BareIntervals:
+  """The device batches `bench_loop`'s training loop consumes: log interval 0 (the compile) and then
+  cycles of four intervals, loop, loop, bare, bare. A loop interval takes fresh batches from the loop's
+  prefetcher; a bare interval gives the step the previous batch again, so the input pipeline fills its
+  buffers and then rests. Only the second interval of each pair is measured: the first absorbs the switch
+  (the batches buffered during a bare pair, the filling of the buffers after a loop pair)."""
+
+  def __init__(self, batches, log_every: int):
+    self._batches = batches
+    self._log_every = int(log_every)
+    self._calls = 0
+    self._last = None
+
+  @staticmethod
+  def phase(interval: int) -> str:
+    """'compile', 'loop', 'loop measured', 'bare' or 'bare measured' for log interval `interval`."""
+    if interval == 0:
+      return 'compile'
+    return ('loop', 'loop measured', 'bare', 'bare measured')[(interval - 1) % 4]
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    interval = self._calls // self._log_every
+    self._calls += 1
+    if self.phase(interval).startswith('bare') and self._last is not None:
+      return self._last
+    self._last = next(self._batches)
+    return self._last
+
+
 def bench_loop(config, config_name: str, batch: int, imgsz: int, *, warmup: int, repeats: int,
                num_images: int = 400, source=None, log_every: int = 20, **unused) -> dict[str, Any]:
   """The training loop as `scripts/train.py` runs it (input pipeline with `data.worker_count` workers,
-  device prefetch, the step, logging) against its bare train step, in this process.
+  device prefetch, the step, logging) against its bare train step, paired, in one run.
 
-  The loop trains a fresh run on a synthetic dataset of `num_images` images for (warmup + repeats)
-  log intervals of `log_every` steps (no checkpoints but the last, no validation); its rate is the median
-  of the logged `images_per_s` of the last `repeats` intervals. Then `bench_train_step` times the same
-  step on a fixed batch the way the loop runs it: `log_every` steps back to back per timing, one wait at
-  the end (a step timed on its own, blocked, also pays the dispatch the loop overlaps with the previous
-  step, and came out slower than the whole loop). `loop_vs_step` = loop images/s over bare-step images/s.
+  One fresh run on a synthetic dataset of `num_images` images, logging every `log_every` steps (no
+  checkpoints but the last, no validation), alternates cycles of four log intervals (`_BareIntervals`):
+  two with the input (the loop), two where the same compiled step runs again on the previous device batch
+  (the bare step, the input idle). The second interval of each pair is measured. The first `warmup`
+  cycles are dropped, `repeats` cycles are kept. `images_per_s` / `step_images_per_s`: medians of the
+  measured loop / bare intervals (the loop's own logged `images_per_s`); `loop_vs_step` = their ratio;
+  `paired_ratios`: loop over bare per cycle (both within a few seconds of each other, so a machine whose
+  speed drifts over minutes still compares like with like).
   """
   import tempfile
   import ml_collections
+  from optisar_jax.data import pipeline
   from optisar_jax.train import loop
   from optisar_jax.train import run_logging
   del unused, source
+  if repeats < 1 or warmup < 0:
+    raise ValueError(f'--what loop: --repeats must be >= 1 and --warmup >= 0, got {repeats} and {warmup}')
   config.data.imgsz = imgsz
   config.train.batch_size = batch
   _synthetic_source(config, num_images, 'train')
-  config.train.num_steps = log_every * (warmup + repeats)
+  cycles = warmup + repeats
+  config.train.num_steps = log_every * (1 + 4 * cycles)
   config.train.log_every = log_every
   config.train.checkpoint_every = config.train.num_steps
   config.train.eval_every_steps = 0
   config.train.eval_every_epochs = 0
   with tempfile.TemporaryDirectory(prefix='optisar-bench-loop-') as workdir:
-    loop.train(ml_collections.ConfigDict(config.to_dict()), workdir)
+    loop.train(ml_collections.ConfigDict(config.to_dict()), workdir,
+               wrap_batches=lambda batches: _BareIntervals(batches, log_every))
     rows = [r for r in run_logging.read_metrics(workdir) if 'images_per_s' in r]
-  rates = [r['images_per_s'] for r in rows][-repeats:]
-  step = bench_train_step(config, config_name, batch, imgsz, warmup=2, repeats=max(3, repeats),
-                          calls_per_timing=log_every)
-  out = record('loop', config_name, batch, imgsz, [batch / r for r in rates], step['gflops'],
-               worker_count=int(config.data.worker_count), log_every=log_every,
+  # The first log (end of interval 0) has no rate: row i is interval i + 1.
+  rates = {'loop measured': [], 'bare measured': []}
+  for i, row in enumerate(rows):
+    phase = _BareIntervals.phase(i + 1)
+    if phase in rates and (i // 4) >= warmup:
+      rates[phase].append(row['images_per_s'])
+  loop_rates, bare_rates = rates['loop measured'], rates['bare measured']
+  if len(loop_rates) != repeats or len(bare_rates) != repeats:
+    raise RuntimeError(f'--what loop: expected {repeats} measured intervals of each kind, got '
+                       f'{len(loop_rates)} and {len(bare_rates)} (metrics rows: {len(rows)})')
+  workers = pipeline.resolve_worker_count(int(config.data.worker_count), int(config.data.max_auto_workers))
+  out = record('loop', config_name, batch, imgsz, [batch / r for r in loop_rates], None,
+               worker_count=workers, log_every=log_every,
                hsv_on_device=bool(config.data.augment.hsv_on_device))
-  out['images_per_s'] = batch / out['median_s']
-  out['step_images_per_s'] = step['images_per_s']
-  out['loop_vs_step'] = out['images_per_s'] / step['images_per_s']
+  out['images_per_s'] = statistics.median(loop_rates)
+  out['step_images_per_s'] = statistics.median(bare_rates)
+  out['loop_vs_step'] = out['images_per_s'] / out['step_images_per_s']
+  out['paired_ratios'] = [lo / ba for lo, ba in zip(loop_rates, bare_rates)]
   return out
 
 

@@ -11,8 +11,9 @@ ratio = ours / peer (same process, alternating runs). --against needs `pip insta
 --against_cpu_ynnpack C compares with the same program compiled with the config's xla.cpu_ynnpack_* = C.
 --what input --against_workers 1,2 times input rounds with 1 and 2 grain workers against the config's
 data.worker_count (by_workers: images/s, images/s per core, speedup).
---what loop runs the training loop (input workers, device prefetch, step, logging) on synthetic data and
-the bare train step in one process: images_per_s, step_images_per_s, loop_vs_step.
+--what loop runs the training loop (input workers, device prefetch, step, logging) on synthetic data,
+alternating log intervals with the input and with the bare step in one run: images_per_s,
+step_images_per_s, loop_vs_step, paired_ratios.
 """
 
 import argparse

@@ -1,5 +1,7 @@
 """The timing harness's own arithmetic: FLOP counts, statistics and the alternation order."""
 
+import statistics
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -56,3 +58,52 @@ def test_forward_against_another_cpu_kernel_choice():
   assert out['gflops'] > 0
   with pytest.raises(ValueError, match="'xla.cpu_ynnpack_eval': 'fast' is not one of"):
     benchmark.bench_forward(load_config('tiny'), 'tiny.py', 1, 64, warmup=1, repeats=1, against_cpu_ynnpack='fast')
+
+
+def test_loop_benchmark_pairs_loop_and_bare_intervals(monkeypatch):
+  """`--what loop`: after the compile interval, cycles of (loop, loop, bare, bare) log intervals; a bare
+  interval reuses the previous device batch (the input is not read), and only the second interval of each
+  pair is measured. A stand-in for the training loop consumes the wrapped batches as the real one does and
+  logs known rates, so the reported medians and per-cycle ratios are exact."""
+  from optisar_jax.config import load_config
+  from optisar_jax.train import loop, run_logging
+
+  log_every, warmup, repeats = 3, 1, 2
+  pulled, consumed, logged = [], [], []
+
+  def upstream():
+    for i in range(10 ** 6):
+      pulled.append(i)
+      yield i
+
+  def fake_train(config, workdir, *, wrap_batches):
+    steps = int(config.train.num_steps)
+    assert steps == log_every * (1 + 4 * (warmup + repeats)) and int(config.train.log_every) == log_every
+    batches = wrap_batches(upstream())
+    for step in range(1, steps + 1):
+      consumed.append(next(batches))
+      if step % log_every == 0 and step > log_every:
+        interval = step // log_every - 1          # the interval this log closes
+        rate = 100.0 + interval if benchmark._BareIntervals.phase(interval).startswith('loop') else 200.0 + interval
+        logged.append({'step': step, 'images_per_s': rate})
+    return {}
+
+  monkeypatch.setattr(loop, 'train', fake_train)
+  monkeypatch.setattr(run_logging, 'read_metrics', lambda workdir: [{'step': 3, 'loss': 1.0}] + logged)
+  monkeypatch.setattr(benchmark, '_synthetic_source', lambda config, n, split: None)
+  out = benchmark.bench_loop(load_config('tiny'), 'tiny', 4, 64, warmup=warmup, repeats=repeats,
+                             log_every=log_every)
+
+  # Intervals 0..12: compile, then (loop, loop*, bare, bare*) x 3; the starred ones of cycles 2 and 3 count.
+  assert [benchmark._BareIntervals.phase(k) for k in range(6)] == [
+      'compile', 'loop', 'loop measured', 'bare', 'bare measured', 'loop']
+  assert out['images_per_s'] == pytest.approx(statistics.median([100.0 + 6, 100.0 + 10]))
+  assert out['step_images_per_s'] == pytest.approx(statistics.median([200.0 + 8, 200.0 + 12]))
+  assert out['paired_ratios'] == pytest.approx([106 / 208, 110 / 212])
+  assert out['loop_vs_step'] == pytest.approx(108 / 210)
+  assert out['repeats'] == repeats and out['worker_count'] == 0 and out['log_every'] == log_every
+  # Bare intervals repeat the last batch of the loop pair before them and read nothing upstream.
+  per_interval = [consumed[k * log_every:(k + 1) * log_every] for k in range(13)]
+  assert per_interval[3] == per_interval[4] == [per_interval[2][-1]] * log_every
+  assert per_interval[5] == [per_interval[2][-1] + 1 + j for j in range(log_every)]
+  assert len(pulled) == log_every * (1 + 2 * (warmup + repeats))

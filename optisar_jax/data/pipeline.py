@@ -26,6 +26,8 @@ The grain graph (`TrainDataset.iter_dataset`), one element per sample until the 
                                          sample, all randomness from np.random.default_rng((seed, epoch, q))
     .batch(B, drop_remainder=True)       this process's rows of one global step
     .to_iter_dataset(ReadOptions)        one reader thread: a thread pool only adds GIL contention here
+    .map(SharedMemoryBatch)              (with workers) the batch's images written into shared memory
+                                         in one copy (`handoff.py`), which grain then passes by name
     .mp_prefetch(workers)                `data.worker_count` worker processes (0 = in this process; -1 =
                                          auto: host cores - 1, at most `data.max_auto_workers`); worker w
                                          builds batches w, w + W, ..., and they come back in order
@@ -47,6 +49,7 @@ import grain
 import numpy as np
 
 from optisar_jax.data import augment
+from optisar_jax.data import handoff
 from optisar_jax.data.negatives import SlotSampler
 from optisar_jax.data.vocabulary import TextVocabulary, config_value, global_negative_pool, source_captions
 
@@ -269,8 +272,9 @@ class TrainDataset:
     ds = self.map_dataset(start_step).to_iter_dataset(
         grain.ReadOptions(num_threads=1, prefetch_buffer_size=self.prefetch_buffer))
     if self.worker_count > 0:
-      ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.worker_count,
-                                                       per_worker_buffer_size=self.prefetch_buffer))
+      # In each worker: the batch's large arrays go into shared memory with one write (handoff.py).
+      ds = ds.map(handoff.SharedMemoryBatch()).mp_prefetch(grain.MultiprocessingOptions(
+          num_workers=self.worker_count, per_worker_buffer_size=self.prefetch_buffer))
     return ds
 
   def iterator(self, start_step: int = 0) -> 'TrainIterator':

@@ -18,7 +18,7 @@ Semantics worth knowing:
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import jax
 import ml_collections
@@ -46,13 +46,15 @@ class NonFiniteLossError(FloatingPointError):
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, coordinator_address: str | None = None,
           num_processes: int | None = None, process_id: int | None = None,
-          stop_after_steps: int | None = None) -> dict[str, Any]:
+          stop_after_steps: int | None = None,
+          wrap_batches: Callable[[Iterator[Any]], Iterator[Any]] | None = None) -> dict[str, Any]:
   """Trains (resuming from WORKDIR if it holds a checkpoint); returns the last logged metrics plus
   'finished' (False when a stop signal or `stop_after_steps` ended this invocation early; {} plus
   'finished' when the run had already finished before this call).
 
   `stop_after_steps` stops (with a checkpoint) after that many steps of THIS invocation, as a preemption
-  would (used by tests of resumption).
+  would (used by tests of resumption). `wrap_batches` wraps the iterator of device batches the steps
+  consume (`scripts/benchmark.py --what loop` interleaves bare-step intervals with it).
   """
   distributed.initialize(coordinator_address, num_processes, process_id)
   main = jax.process_index() == 0
@@ -129,10 +131,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, coordinator_addres
   # Without JAX's preemption service, processes agree on a stop by all-gathering their SIGTERM flags:
   # at log steps only, never a host sync per step.
   guard = checkpoint_lib.PreemptionGuard(sync_every=int(config.train.log_every))
+  step_batches = wrap_batches(batches) if wrap_batches is not None else batches
   try:
     with jax.set_mesh(mesh), guard, batches:
       while step < total_steps:
-        batch = next(batches)
+        batch = next(step_batches)
         if compiled_step is None:   # compiled ahead of the first call, on every process before any runs it
           compiled_step = distributed.compile_together(train_step, state, batch, text_table, base_rng,
                                                        numbers, name='train_step')

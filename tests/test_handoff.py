@@ -1,0 +1,74 @@
+"""The workers' shared-memory hand-off (optisar_jax/data/handoff.py): the same bytes, in blocks grain
+sends by name."""
+
+import os
+import sys
+from multiprocessing import shared_memory
+
+import numpy as np
+import pytest
+from grain.multiprocessing import SharedMemoryArray
+
+from optisar_jax.data import handoff
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith('linux'), reason='POSIX shared memory via pwrite')
+
+
+def _release(array):
+  """What the training process does with a received block: close and unlink it."""
+  array.shm.close()
+  array.shm.unlink()
+
+
+def test_to_shared_memory_holds_the_same_bytes_under_its_name():
+  rng = np.random.default_rng(0)
+  for source in (rng.integers(0, 256, (8, 640, 640, 3), dtype=np.uint8),     # one batch of the paper's input
+                 rng.normal(size=(3, 5)).astype(np.float32), np.array([[True, False, True]]),
+                 np.arange(12, dtype=np.int32).reshape(3, 4)[:, ::2]):       # non-contiguous
+    out = handoff.to_shared_memory(source)
+    try:
+      assert isinstance(out, SharedMemoryArray)
+      assert out.shape == source.shape and out.dtype == source.dtype
+      np.testing.assert_array_equal(out, source)
+      # Another mapping of the block by its name (what grain's receiver does) sees the same bytes.
+      other = shared_memory.SharedMemory(out.metadata.name)
+      try:
+        np.testing.assert_array_equal(np.ndarray(source.shape, source.dtype, buffer=other.buf), source)
+      finally:
+        other.close()
+    finally:
+      _release(out)
+
+
+def test_short_writes_are_continued(monkeypatch):
+  """os.pwrite may write fewer bytes than asked: the rest is written at the right offset."""
+  calls = []
+  real = os.pwrite
+
+  def short(fd, data, offset):
+    calls.append(offset)
+    return real(fd, bytes(data)[:1000], offset)
+
+  monkeypatch.setattr(handoff.os, 'pwrite', short)
+  source = np.random.default_rng(1).integers(0, 256, 4500, dtype=np.uint8)
+  out = handoff.to_shared_memory(source)
+  try:
+    np.testing.assert_array_equal(out, source)
+    assert calls == [0, 1000, 2000, 3000, 4000]
+  finally:
+    _release(out)
+
+
+def test_batch_map_moves_numeric_arrays_only():
+  batch = {'image': np.full((2, 4, 4, 3), 7, np.uint8), 'mask': np.array([True, False]),
+           'names': np.array([b'a', b'b'], dtype=object), 'empty': np.zeros((0, 4), np.float32), 'step': 3}
+  out = handoff.SharedMemoryBatch().map(batch)
+  try:
+    assert out.keys() == batch.keys()
+    assert isinstance(out['image'], SharedMemoryArray) and isinstance(out['mask'], SharedMemoryArray)
+    np.testing.assert_array_equal(out['image'], batch['image'])
+    np.testing.assert_array_equal(out['mask'], batch['mask'])
+    assert out['names'] is batch['names'] and out['empty'] is batch['empty'] and out['step'] == 3
+  finally:
+    _release(out['image'])
+    _release(out['mask'])
