@@ -72,3 +72,26 @@ def test_batch_map_moves_numeric_arrays_only():
   finally:
     _release(out['image'])
     _release(out['mask'])
+
+
+def test_without_a_descriptor_the_bytes_go_through_the_mapping(monkeypatch):
+  """A SharedMemory without CPython's `_fd` (another Python): the same bytes, copied through the mapping."""
+  real = shared_memory.SharedMemory
+
+  class NoDescriptor(real):
+    def __init__(self, *args, **kwargs):
+      super().__init__(*args, **kwargs)
+      self._saved_fd, self._fd = self._fd, -1
+
+    def close(self):                       # gives the real descriptor back to be closed, once
+      self._fd, self._saved_fd = self._saved_fd, -1
+      super().close()
+
+  monkeypatch.setattr(handoff.shared_memory, 'SharedMemory', NoDescriptor)
+  monkeypatch.setattr(handoff.os, 'pwrite', lambda *a: pytest.fail('pwrite without a descriptor'))
+  source = np.random.default_rng(2).normal(size=(7, 9)).astype(np.float32)
+  out = handoff.to_shared_memory(source)
+  try:
+    np.testing.assert_array_equal(out, source)
+  finally:
+    _release(out)

@@ -39,10 +39,14 @@ def to_shared_memory(array: np.ndarray) -> SharedMemoryArray:
   array = np.ascontiguousarray(array)
   block = shared_memory.SharedMemory(create=True, size=array.nbytes)
   try:
-    view = memoryview(array).cast('B')
-    written = 0
-    while written < array.nbytes:          # pwrite may write less than asked (large writes, signals)
-      written += os.pwrite(block._fd, view[written:], written)   # pylint: disable=protected-access
+    fd = getattr(block, '_fd', -1)         # CPython's descriptor of the block (POSIX)
+    if fd < 0:                             # no descriptor: copy through the mapping, as grain does
+      np.copyto(np.ndarray(array.shape, array.dtype, buffer=block.buf), array, casting='no')
+    else:
+      view = memoryview(array).cast('B')
+      written = 0
+      while written < array.nbytes:        # pwrite may write less than asked (large writes, signals)
+        written += os.pwrite(fd, view[written:], written)
   except BaseException:
     block.close()
     block.unlink()
