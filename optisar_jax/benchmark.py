@@ -454,7 +454,11 @@ def bench_loop(config, config_name: str, batch: int, imgsz: int, *, warmup: int,
   cycles are dropped, `repeats` cycles are kept. `images_per_s` / `step_images_per_s`: medians of the
   measured loop / bare intervals (the loop's own logged `images_per_s`); `loop_vs_step` = their ratio;
   `paired_ratios`: loop over bare per cycle (both within a few seconds of each other, so a machine whose
-  speed drifts over minutes still compares like with like).
+  speed drifts over minutes still compares like with like). The timed loop interval shows the input's
+  cost only when the untimed one before it has used up the batches buffered during the bare pair (about
+  2 * data.prefetch_buffer + 3 per worker plus data.device_prefetch): true when the input alone is
+  faster than the step. When it is not, the untimed interval is the slower one:
+  `settle_images_per_s` (median of the untimed loop intervals) shows it.
   """
   import tempfile
   import ml_collections
@@ -478,7 +482,7 @@ def bench_loop(config, config_name: str, batch: int, imgsz: int, *, warmup: int,
                wrap_batches=lambda batches: _BareIntervals(batches, log_every))
     rows = [r for r in run_logging.read_metrics(workdir) if 'images_per_s' in r]
   # The first log (end of interval 0) has no rate: row i is interval i + 1.
-  rates = {'loop measured': [], 'bare measured': []}
+  rates = {'loop': [], 'loop measured': [], 'bare measured': []}
   for i, row in enumerate(rows):
     phase = _BareIntervals.phase(i + 1)
     if phase in rates and (i // 4) >= warmup:
@@ -495,6 +499,7 @@ def bench_loop(config, config_name: str, batch: int, imgsz: int, *, warmup: int,
   out['step_images_per_s'] = statistics.median(bare_rates)
   out['loop_vs_step'] = out['images_per_s'] / out['step_images_per_s']
   out['paired_ratios'] = [lo / ba for lo, ba in zip(loop_rates, bare_rates)]
+  out['settle_images_per_s'] = statistics.median(rates['loop'])
   return out
 
 

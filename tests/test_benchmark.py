@@ -101,6 +101,7 @@ def test_loop_benchmark_pairs_loop_and_bare_intervals(monkeypatch):
   assert out['step_images_per_s'] == pytest.approx(statistics.median([200.0 + 8, 200.0 + 12]))
   assert out['paired_ratios'] == pytest.approx([106 / 208, 110 / 212])
   assert out['loop_vs_step'] == pytest.approx(108 / 210)
+  assert out['settle_images_per_s'] == pytest.approx(statistics.median([100.0 + 5, 100.0 + 9]))
   assert out['repeats'] == repeats and out['worker_count'] == 0 and out['log_every'] == log_every
   # Bare intervals repeat the last batch of the loop pair before them and read nothing upstream.
   per_interval = [consumed[k * log_every:(k + 1) * log_every] for k in range(13)]

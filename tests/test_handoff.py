@@ -7,7 +7,7 @@ from multiprocessing import shared_memory
 
 import numpy as np
 import pytest
-from grain.multiprocessing import SharedMemoryArray
+from grain.multiprocessing import SharedMemoryArray, SharedMemoryArrayMetadata
 
 from optisar_jax.data import handoff
 
@@ -24,7 +24,8 @@ def test_to_shared_memory_holds_the_same_bytes_under_its_name():
   rng = np.random.default_rng(0)
   for source in (rng.integers(0, 256, (8, 640, 640, 3), dtype=np.uint8),     # one batch of the paper's input
                  rng.normal(size=(3, 5)).astype(np.float32), np.array([[True, False, True]]),
-                 np.arange(12, dtype=np.int32).reshape(3, 4)[:, ::2]):       # non-contiguous
+                 np.arange(12, dtype=np.int32).reshape(3, 4)[:, ::2],        # non-contiguous
+                 np.array(2.5, np.float64), np.array(['2026-12-06'], 'datetime64[D]')):   # 0-d; no buffer format
     out = handoff.to_shared_memory(source)
     try:
       assert isinstance(out, SharedMemoryArray)
@@ -95,3 +96,34 @@ def test_without_a_descriptor_the_bytes_go_through_the_mapping(monkeypatch):
     np.testing.assert_array_equal(out, source)
   finally:
     _release(out)
+
+
+def test_grain_sends_the_block_by_name():
+  """grain's hand-off (copy_to_shm, run on every worker output) passes our block as its metadata, with no
+  second copy: a grain upgrade that copied again would fail here."""
+  from grain._src.python.ipc import shared_memory_array as grain_shm
+  out = handoff.to_shared_memory(np.arange(10, dtype=np.int64))
+  try:
+    sent = grain_shm.copy_to_shm({'x': out})['x']
+    assert isinstance(sent, SharedMemoryArrayMetadata) and sent.name == out.shm.name
+  finally:
+    _release(out)
+
+
+def test_a_failed_write_leaves_no_block_of_the_batch(monkeypatch):
+  """/dev/shm full on the second array: the block made for the first one is unlinked before the error."""
+  made = []
+  real = handoff.to_shared_memory
+
+  def fails_second(array):
+    if made:
+      raise OSError(28, 'No space left on device')
+    made.append(real(array))
+    return made[-1]
+
+  monkeypatch.setattr(handoff, 'to_shared_memory', fails_second)
+  batch = {'image': np.ones((2, 8, 8, 3), np.uint8), 'boxes': np.zeros((2, 4), np.float32)}
+  with pytest.raises(OSError, match='No space'):
+    handoff.SharedMemoryBatch().map(batch)
+  with pytest.raises(FileNotFoundError):
+    shared_memory.SharedMemory(made[0].metadata.name)

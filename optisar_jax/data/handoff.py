@@ -14,7 +14,8 @@ by name without copying it again; the training process maps the block, reads it 
 as it does for grain's own blocks. Values are unchanged: the arrays are the same bytes, so batches stay
 bit-identical with and without workers (tests/test_pipeline.py).
 
-Only a worker's output goes through this map (`TrainDataset.iter_dataset` adds it when
+Every non-empty numeric array of the batch is moved (grain would copy each of them into its own block
+anyway). Only a worker's output goes through this map (`TrainDataset.iter_dataset` adds it when
 `data.worker_count` > 0): in the training process a shared-memory block would only cost.
 """
 
@@ -36,14 +37,14 @@ def to_shared_memory(array: np.ndarray) -> SharedMemoryArray:
   Args:
     array: a C-contiguous numpy array of a fixed-size dtype, nbytes > 0.
   """
-  array = np.ascontiguousarray(array)
+  array = np.asarray(array, order='C')    # C-contiguous, shape kept (0-d included)
   block = shared_memory.SharedMemory(create=True, size=array.nbytes)
   try:
     fd = getattr(block, '_fd', -1)         # CPython's descriptor of the block (POSIX)
     if fd < 0:                             # no descriptor: copy through the mapping, as grain does
       np.copyto(np.ndarray(array.shape, array.dtype, buffer=block.buf), array, casting='no')
     else:
-      view = memoryview(array).cast('B')
+      view = memoryview(array.reshape(-1).view(np.uint8))   # raw bytes, any fixed-size dtype
       written = 0
       while written < array.nbytes:        # pwrite may write less than asked (large writes, signals)
         written += os.pwrite(fd, view[written:], written)
@@ -66,4 +67,16 @@ class SharedMemoryBatch(grain.transforms.Map):
   def map(self, element: dict) -> dict:
     if not sys.platform.startswith('linux'):   # pwrite on a POSIX shared-memory object is Linux's
       return element
-    return {key: to_shared_memory(value) if _eligible(value) else value for key, value in element.items()}
+    out, made = {}, []
+    try:
+      for key, value in element.items():
+        if _eligible(value):
+          value = to_shared_memory(value)
+          made.append(value)
+        out[key] = value
+    except BaseException:                      # e.g. /dev/shm full: no block of this batch stays behind
+      for array in made:
+        array.shm.close()
+        array.shm.unlink()
+      raise
+    return out

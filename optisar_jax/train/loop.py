@@ -54,7 +54,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, coordinator_addres
 
   `stop_after_steps` stops (with a checkpoint) after that many steps of THIS invocation, as a preemption
   would (used by tests of resumption). `wrap_batches` wraps the iterator of device batches the steps
-  consume (`scripts/benchmark.py --what loop` interleaves bare-step intervals with it).
+  consume (`scripts/benchmark.py --what loop` interleaves bare-step intervals with it); for fresh,
+  benchmark-only runs: a wrapper that repeats batches makes the saved input state disagree with the data
+  the steps saw.
   """
   distributed.initialize(coordinator_address, num_processes, process_id)
   main = jax.process_index() == 0
