@@ -43,19 +43,15 @@ def peak_memory_bytes() -> int | None:
   return int(stats.get('peak_bytes_in_use', stats.get('bytes_in_use', 0)))
 
 
-def time_calls(fn: Callable[[], Any], *, warmup: int, repeats: int, calls_per_timing: int = 1) -> list[float]:
-  """Wall-clock seconds per call of `fn` after `warmup` calls, `repeats` times. Each timing is
-  `calls_per_timing` calls made back to back (dispatched asynchronously, as a training loop makes them)
-  and blocked until ready once at the end, divided by that count; 1 times each call on its own."""
+def time_calls(fn: Callable[[], Any], *, warmup: int, repeats: int) -> list[float]:
+  """Wall-clock seconds of `fn` (blocked until its result is ready) after `warmup` calls, `repeats` times."""
   for _ in range(warmup):
     jax.block_until_ready(fn())
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
-    for _ in range(calls_per_timing - 1):
-      fn()
     jax.block_until_ready(fn())
-    times.append((time.perf_counter() - start) / calls_per_timing)
+    times.append(time.perf_counter() - start)
   return times
 
 
@@ -188,10 +184,9 @@ def _peer(against: str, config, batch: int, imgsz: int, mode: str, threads: int 
 
 def bench_train_step(config, config_name: str, batch: int, imgsz: int, *, warmup: int, repeats: int,
                      against: str | None = None, threads: int | None = None,
-                     against_cpu_ynnpack: str | None = None, calls_per_timing: int = 1) -> dict[str, Any]:
+                     against_cpu_ynnpack: str | None = None) -> dict[str, Any]:
   """One optimizer step (forward, assigner, losses, backward, AdamW, EMA) on a random batch.
 
-  `calls_per_timing` > 1 times that many steps back to back per timing (see `time_calls`).
 
   `against_cpu_ynnpack`: also time the same step compiled with `xla.cpu_ynnpack_train` = that choice, on
   its own copy of the state, alternating in this process."""
@@ -259,7 +254,7 @@ def bench_train_step(config, config_name: str, batch: int, imgsz: int, *, warmup
                    ratio=summarize(t_ours)['median_s'] / peer_stats['median_s'])
     else:
       out = record('train_step', config_name, batch, imgsz,
-                   time_calls(ours, warmup=warmup, repeats=repeats, calls_per_timing=calls_per_timing), gflops)
+                   time_calls(ours, warmup=warmup, repeats=repeats), gflops)
   out['images_per_s'] = batch / out['median_s']
   return out
 

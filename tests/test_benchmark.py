@@ -26,9 +26,9 @@ def test_summarize_and_alternation_order():
   assert len(ours_times) == len(peer_times) == 3
 
 
-def test_back_to_back_timing_divides_by_the_calls_it_makes(monkeypatch):
-  """calls_per_timing=4: each timing spans 4 calls and reports the time per call (a fake clock that
-  advances 1 s per call makes every timing exactly 1.0 s)."""
+def test_timing_counts_warmup_and_repeats(monkeypatch):
+  """Warm-up calls are not timed; each timed call reports its own duration (a fake clock that advances
+  1 s per call makes every timing exactly 1.0 s)."""
   clock = {'t': 0.0}
   calls = []
   monkeypatch.setattr(benchmark.time, 'perf_counter', lambda: clock['t'])
@@ -37,8 +37,8 @@ def test_back_to_back_timing_divides_by_the_calls_it_makes(monkeypatch):
     calls.append(1)
     clock['t'] += 1.0
 
-  times = benchmark.time_calls(fn, warmup=2, repeats=3, calls_per_timing=4)
-  assert len(calls) == 2 + 3 * 4 and times == [1.0, 1.0, 1.0]
+  times = benchmark.time_calls(fn, warmup=2, repeats=3)
+  assert len(calls) == 2 + 3 and times == [1.0, 1.0, 1.0]
 
 
 def test_record_reports_the_achieved_rate():

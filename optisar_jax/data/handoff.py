@@ -1,13 +1,13 @@
 """Hand-off of a worker's batch to the training process through shared memory, written with one copy.
 
-grain's worker processes (`mp_prefetch`) return a batch by copying each large array into a fresh
+grain's worker processes (`mp_prefetch`) return a batch by copying each array into a fresh
 shared-memory block (`grain`'s `copy_to_shm`): `np.copyto` into a new mapping, whose pages the worker
 then faults in and the kernel zeroes one 4 KiB page at a time. For the paper's input (8 images of
 640 x 640 x 3 uint8 per batch, 9.8 MB) that took 7.6 ms per batch on a 2-core x86 host, against 0.35 ms
 for stacking the same batch in ordinary memory (docs/benchmarks.md, "Input pipeline").
 
-`SharedMemoryBatch` is the last map of a worker's graph. It writes each large array of the batch into
-its block with `os.pwrite` on the block's file descriptor: the kernel copies the bytes into the
+`SharedMemoryBatch` is the last map of a worker's graph. It writes each array of the batch into its
+block with `os.pwrite` on the block's file descriptor: the kernel copies the bytes into the
 block's pages as it allocates them, with no page faults in the worker (4.3 ms per such batch, measured
 the same way). The result is a grain `SharedMemoryArray`, which grain's hand-off recognises and sends
 by name without copying it again; the training process maps the block, reads it and unlinks it, exactly
