@@ -189,6 +189,8 @@ def test_worker_processes_give_the_same_batches():
     got = [next(it) for _ in range(2)]
     for a, b in zip(expected, got):
       _assert_equal_batches(a, b)
+      for key in a:                                           # same dtypes, views of one block (handoff.py)
+        assert b[key].dtype == a[key].dtype and b[key].base is b['image'].base, key
     del got
 
 

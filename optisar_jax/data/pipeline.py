@@ -26,11 +26,12 @@ The grain graph (`TrainDataset.iter_dataset`), one element per sample until the 
                                          sample, all randomness from np.random.default_rng((seed, epoch, q))
     .batch(B, drop_remainder=True)       this process's rows of one global step
     .to_iter_dataset(ReadOptions)        one reader thread: a thread pool only adds GIL contention here
-    .map(SharedMemoryBatch)              (with workers) the batch's arrays written into shared memory
-                                         in one copy each (`handoff.py`); grain passes them by name
+    .map(PackBatch)                      (with workers) the batch's arrays written into one shared-memory
+                                         block in one copy (`handoff.py`); grain passes it by name
     .mp_prefetch(workers)                `data.worker_count` worker processes (0 = in this process; -1 =
                                          auto: host cores - 1, at most `data.max_auto_workers`); worker w
                                          builds batches w, w + W, ..., and they come back in order
+    .map(UnpackBatch)                    (with workers, in this process) the arrays as views of the block
 
 and the training loop places the next `data.device_prefetch` batches on the devices ahead of the step
 (`optisar_jax/runtime/prefetch.py`).
@@ -272,9 +273,10 @@ class TrainDataset:
     ds = self.map_dataset(start_step).to_iter_dataset(
         grain.ReadOptions(num_threads=1, prefetch_buffer_size=self.prefetch_buffer))
     if self.worker_count > 0:
-      # In each worker: the batch's arrays go into shared memory with one write each (handoff.py).
-      ds = ds.map(handoff.SharedMemoryBatch()).mp_prefetch(grain.MultiprocessingOptions(
-          num_workers=self.worker_count, per_worker_buffer_size=self.prefetch_buffer))
+      # In each worker the batch's arrays go into one shared-memory block; here they are views of it
+      # (handoff.py).
+      ds = ds.map(handoff.PackBatch()).mp_prefetch(grain.MultiprocessingOptions(
+          num_workers=self.worker_count, per_worker_buffer_size=self.prefetch_buffer)).map(handoff.UnpackBatch())
     return ds
 
   def iterator(self, start_step: int = 0) -> 'TrainIterator':
