@@ -26,7 +26,8 @@ def _mixed_arrays():
           'floats': rng.normal(size=(3, 5)).astype(np.float32), 'mask': np.array([[True, False, True]]),
           'strided': np.arange(12, dtype=np.int32).reshape(3, 4)[:, ::2],      # non-contiguous
           'scalar': np.array(2.5, np.float64),                                  # 0-d
-          'dates': np.array(['2026-12-06'], 'datetime64[D]')}                   # no buffer format
+          'dates': np.array(['2026-12-06'], 'datetime64[D]'),                   # no buffer format
+          'records': np.array([(1.5, 2), (3.0, -4)], [('x', '<f4'), ('y', '<i4')])}   # structured
 
 
 def test_pack_holds_the_same_bytes_under_one_name():

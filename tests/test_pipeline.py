@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+from grain.multiprocessing import SharedMemoryArray
 
 from optisar_jax.config import load_config
 from optisar_jax.data import augment as A
@@ -191,6 +192,7 @@ def test_worker_processes_give_the_same_batches():
       _assert_equal_batches(a, b)
       for key in a:                                           # same dtypes, views of one block (handoff.py)
         assert b[key].dtype == a[key].dtype and b[key].base is b['image'].base, key
+      assert isinstance(b['image'].base, SharedMemoryArray)
     del got
 
 

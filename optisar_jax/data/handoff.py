@@ -65,12 +65,12 @@ def pack(arrays: dict[str, np.ndarray]) -> tuple[SharedMemoryArray, tuple]:
     arrays: key -> numeric, non-empty numpy array (any layout; written C-contiguous).
   Returns:
     (block, layout): the block as a 1-D uint8 `SharedMemoryArray` of the padded total size, and the
-    table of contents ((key, offset, shape, dtype string), ...) in `arrays`' order.
+    table of contents ((key, offset, shape, dtype), ...) in `arrays`' order.
   """
   contiguous = {key: np.asarray(value, order='C') for key, value in arrays.items()}   # 0-d keeps its shape
   layout, size = [], 0
   for key, value in contiguous.items():
-    layout.append((key, size, tuple(value.shape), value.dtype.str))
+    layout.append((key, size, tuple(value.shape), value.dtype))   # the dtype itself: structured fields kept
     size += _aligned(value.nbytes)
   block = shared_memory.SharedMemory(create=True, size=max(size, 1))
   try:
